@@ -1,0 +1,8 @@
+//! Code shared by the vmcrypt programs: key material, the XTS data cipher and
+//! the LUKS1 container.
+#![deny(missing_docs)]
+
+pub mod hardening;
+pub mod key;
+pub mod luks;
+pub mod xts;

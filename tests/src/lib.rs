@@ -1,0 +1,4 @@
+//! Harness for vmcrypt's end-to-end tests: a real QEMU guest, real daemons.
+
+pub mod guest;
+pub mod vmcrypt;

@@ -1,0 +1,199 @@
+//! Running vmcrypt's own programs from tests: finding (and building) the
+//! binaries, starting `vmcrypt-blk`, making keys and images, and looking at
+//! image bytes from the host.
+
+use std::ffi::OsStr;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::guest::{repo_root, wait_for_path, ChildGuard};
+
+/// The cargo target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// Path of a vmcrypt binary, building the workspace's binaries once per test
+/// process (a no-op when they are up to date). Tests use the release build
+/// when `VMCRYPT_PROFILE=release`.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    let profile = std::env::var("VMCRYPT_PROFILE").unwrap_or_else(|_| "debug".into());
+    let built = BUILT.get_or_init(|| {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(repo_root())
+            .args(["build", "--quiet", "--bins", "--workspace"]);
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        match cmd.status() {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(format!("cargo build failed: {s}")),
+            Err(e) => Err(format!("cannot run cargo: {e}")),
+        }
+    });
+    built.clone().map_err(|e| anyhow!(e))?;
+    let p = target_dir().join(&profile).join(name);
+    if !p.exists() {
+        bail!("{} is missing after cargo build", p.display());
+    }
+    Ok(p)
+}
+
+/// Runs a command to completion, capturing output.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let shown = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {shown}"))
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = run(cmd)?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Writes a fresh KEK-style key file: 64 lowercase hex characters, no newline.
+pub fn write_key_file(path: &Path) -> Result<()> {
+    let mut raw = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(path, hex).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `vmcrypt image create PATH --size SIZE --key-file KEY`.
+pub fn create_image(path: &Path, size: &str, key: &Path) -> Result<()> {
+    run_ok(
+        Command::new(bin("vmcrypt")?)
+            .args(["image", "create"])
+            .arg(path)
+            .args(["--size", size, "--key-file"])
+            .arg(key),
+    )?;
+    Ok(())
+}
+
+/// A running `vmcrypt-blk`.
+pub struct Blk {
+    /// The process (killed on drop).
+    pub child: ChildGuard,
+    /// Its socket.
+    pub socket: PathBuf,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Blk {
+    /// Starts `vmcrypt-blk --socket SOCKET --image IMAGE [ARGS]` and waits
+    /// for the socket. Its stderr goes to `SOCKET.log`.
+    pub fn start<I, S>(socket: &Path, image: &Path, args: I) -> Result<Blk>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let log = socket.with_extension("log");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut cmd = Command::new(bin("vmcrypt-blk")?);
+        cmd.arg("--socket")
+            .arg(socket)
+            .arg("--image")
+            .arg(image)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf);
+        let _ = std::fs::remove_file(socket);
+        let mut child = ChildGuard::spawn("vmcrypt-blk", cmd)?;
+        if let Err(e) = wait_for_path(socket, Duration::from_secs(30)) {
+            let _ = child.kill();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("vmcrypt-blk did not start: {e}\n{text}");
+        }
+        Ok(Blk {
+            child,
+            socket: socket.to_path_buf(),
+            log,
+        })
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns whether it exited 0.
+    pub fn stop(mut self) -> Result<bool> {
+        self.child.signal(libc::SIGTERM)?;
+        match self.child.wait_timeout(Duration::from_secs(30))? {
+            Some(st) => Ok(st.success()),
+            None => bail!("vmcrypt-blk did not stop within 30 s of SIGTERM"),
+        }
+    }
+
+    /// What it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Whether `needle` occurs anywhere in the file.
+pub fn file_contains(path: &Path, needle: &[u8]) -> Result<bool> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(data.windows(needle.len()).any(|w| w == needle))
+}
+
+/// SHA-256 (hex) of a whole file, via `sha256sum`.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let out = run_ok(Command::new("sha256sum").arg(path))?;
+    out.split_whitespace()
+        .next()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("sha256sum printed nothing"))
+}
+
+/// Decrypts a LUKS image to a raw file with QEMU's own LUKS driver.
+pub fn qemu_decrypt(image: &Path, key: &Path, out: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(out);
+    run_ok(
+        Command::new("qemu-img")
+            .arg("convert")
+            .arg("--object")
+            .arg(format!("secret,id=s,file={},format=raw", key.display()))
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=luks,key-secret=s,file.filename={}",
+                image.display()
+            ))
+            .args(["-O", "raw"])
+            .arg(out),
+    )?;
+    Ok(())
+}
+
+/// First `len` bytes of a file's SHA-256 (hex).
+pub fn sha256_prefix(path: &Path, len: u64) -> Result<String> {
+    let out = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("head -c {len} '{}' | sha256sum", path.display())),
+    )?;
+    out.split_whitespace()
+        .next()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("sha256sum printed nothing"))
+}

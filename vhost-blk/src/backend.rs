@@ -1,0 +1,202 @@
+//! The vhost-user device: features, config space, and routing queue events
+//! to the per-queue workers.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::disk::Disk;
+use crate::worker::{GuestMemAtomic, Worker, MAX_SEGMENTS, MAX_SEGMENT_SECTORS};
+
+/// `VHOST_F_LOG_ALL`: we log our writes to guest RAM, so QEMU can live
+/// migrate a guest that uses this disk.
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// Size of the virtio-blk config space we expose (up to
+/// `write_zeroes_may_unmap` and its padding; virtio 1.2, 5.2.4).
+const CONFIG_LEN: usize = 60;
+
+/// Device settings fixed at start.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceOptions {
+    /// Number of virtqueues (one worker thread each).
+    pub num_queues: u16,
+    /// Largest queue size the guest may choose.
+    pub queue_size: u16,
+}
+
+/// The backend for one frontend connection.
+pub struct BlkBackend {
+    disk: Arc<Disk>,
+    opts: DeviceOptions,
+    workers: Vec<Mutex<Worker>>,
+    mem: GuestMemAtomic,
+    event_idx: AtomicBool,
+    config: [u8; CONFIG_LEN],
+}
+
+impl BlkBackend {
+    /// A backend serving `disk` with guest memory `mem`.
+    pub fn new(
+        disk: Arc<Disk>,
+        opts: DeviceOptions,
+        mem: GuestMemAtomic,
+    ) -> Result<Self, vmcrypt_core::xts::XtsError> {
+        let workers = (0..opts.num_queues)
+            .map(|_| Worker::new(disk.clone()).map(Mutex::new))
+            .collect::<Result<_, _>>()?;
+        let config = config_space(&disk, opts);
+        Ok(BlkBackend {
+            disk,
+            opts,
+            workers,
+            mem,
+            event_idx: AtomicBool::new(false),
+            config,
+        })
+    }
+}
+
+fn put(cfg: &mut [u8], at: usize, bytes: &[u8]) {
+    cfg[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+fn config_space(disk: &Disk, opts: DeviceOptions) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    put(&mut c, 0, &disk.sectors.to_le_bytes()); // capacity
+    put(&mut c, 12, &(u32::from(opts.queue_size) - 2).to_le_bytes()); // seg_max
+    put(&mut c, 20, &512u32.to_le_bytes()); // blk_size
+    c[32] = 1; // writeback: we have FLUSH
+    put(&mut c, 34, &opts.num_queues.to_le_bytes());
+    put(&mut c, 36, &MAX_SEGMENT_SECTORS.to_le_bytes()); // max_discard_sectors
+    put(&mut c, 40, &MAX_SEGMENTS.to_le_bytes()); // max_discard_seg
+    put(&mut c, 44, &8u32.to_le_bytes()); // discard_sector_alignment (4 KiB)
+    put(&mut c, 48, &MAX_SEGMENT_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+    put(&mut c, 52, &MAX_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
+                                                  // Unmapping is allowed only where a hole reads back as zeros.
+    c[56] = u8::from(disk.key.is_none());
+    c
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = VringRwLock<GuestMemAtomic>;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.opts.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.opts.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_MQ
+            | 1 << VIRTIO_BLK_F_DISCARD
+            | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+            | VHOST_F_LOG_ALL
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.disk.readonly {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
+        // `self.mem` is the same GuestMemoryAtomic the daemon updates; the
+        // workers load the new table at their next event.
+        Ok(())
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let start = (offset as usize).min(CONFIG_LEN);
+        let end = start.saturating_add(size as usize).min(CONFIG_LEN);
+        let mut out = self.config[start..end].to_vec();
+        // Fields beyond what we implement read as zero, as the spec asks.
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.opts.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without an exit event, dropping the daemon would never stop the
+        // worker threads. Each call must return a fresh pair.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::error!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or_else(|| io::Error::other(format!("unknown event {device_event}")))?;
+        let worker = self
+            .workers
+            .get(thread_id)
+            .ok_or_else(|| io::Error::other(format!("no worker {thread_id}")))?;
+        // Only this queue's thread takes this lock: it is never contended.
+        let mut worker = worker
+            .lock()
+            .map_err(|_| io::Error::other("worker state poisoned"))?;
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        if self.event_idx.load(Ordering::Acquire) {
+            // With EVENT_IDX the guest kicks only once per batch; keep going
+            // until re-enabling notifications finds nothing new.
+            loop {
+                state.disable_notification().map_err(io::Error::other)?;
+                worker.process_queue(&mut state, &mem);
+                if !state.enable_notification().map_err(io::Error::other)? {
+                    break;
+                }
+            }
+        } else {
+            worker.process_queue(&mut state, &mem);
+        }
+        Ok(())
+    }
+}

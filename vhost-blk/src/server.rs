@@ -1,0 +1,159 @@
+//! The socket loop: serve one frontend at a time, and serve the next one when
+//! it goes (QEMU restarting, or reconnecting after this process restarted).
+//! SIGTERM/SIGINT end the loop cleanly: the current connection is shut down,
+//! the workers finish their requests, the image is synced.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::{BlkBackend, DeviceOptions};
+use crate::disk::Disk;
+
+/// Where and how to serve.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The vhost-user socket to listen on.
+    pub socket: PathBuf,
+    /// Permissions of the socket: whoever can connect can read the disk.
+    pub socket_mode: u32,
+    /// Device settings.
+    pub device: DeviceOptions,
+}
+
+#[derive(Default)]
+struct Shared {
+    stop: AtomicBool,
+    current: Mutex<Option<ShutdownHandle>>,
+}
+
+/// Serves `disk` until SIGTERM or SIGINT.
+pub fn serve(disk: Disk, opts: &ServeOptions) -> anyhow::Result<()> {
+    let disk = Arc::new(disk);
+    let shared = Arc::new(Shared::default());
+    // Block the signals before any thread starts, so every thread inherits
+    // the mask and only the signal thread receives them.
+    let signals = block_stop_signals()?;
+    let mut listener = Listener::new(&opts.socket, true)
+        .with_context(|| format!("cannot listen on {}", opts.socket.display()))?;
+    std::fs::set_permissions(
+        &opts.socket,
+        std::fs::Permissions::from_mode(opts.socket_mode),
+    )
+    .with_context(|| format!("cannot set permissions of {}", opts.socket.display()))?;
+    spawn_signal_thread(signals, shared.clone(), opts.socket.clone())?;
+    tracing::info!(
+        socket = %opts.socket.display(),
+        sectors = disk.sectors,
+        encrypted = disk.key.is_some(),
+        readonly = disk.readonly,
+        queues = opts.device.num_queues,
+        "listening"
+    );
+
+    let result = serve_connections(&disk, opts, &shared, &mut listener);
+    if !disk.readonly {
+        disk.file
+            .sync_data()
+            .context("final sync of the image failed")?;
+    }
+    let _ = std::fs::remove_file(&opts.socket);
+    tracing::info!("stopped");
+    result
+}
+
+fn serve_connections(
+    disk: &Arc<Disk>,
+    opts: &ServeOptions,
+    shared: &Shared,
+    listener: &mut Listener,
+) -> anyhow::Result<()> {
+    loop {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = BlkBackend::new(disk.clone(), opts.device, mem.clone())
+            .context("cannot set up the cipher")?;
+        let mut daemon = VhostUserDaemon::new("vmcrypt-blk".into(), Arc::new(backend), mem)
+            .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
+        daemon
+            .start(listener)
+            .map_err(|e| anyhow::anyhow!("accepting a connection failed: {e}"))?;
+        if let Ok(mut cur) = shared.current.lock() {
+            *cur = daemon.shutdown_handle();
+        }
+        if shared.stop.load(Ordering::Acquire) {
+            daemon.request_shutdown();
+        } else {
+            tracing::info!("frontend connected");
+        }
+        let result = daemon.wait();
+        if let Ok(mut cur) = shared.current.lock() {
+            *cur = None;
+        }
+        // Dropping the daemon stops and joins the workers.
+        drop(daemon);
+        if shared.stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match result {
+            Ok(()) => tracing::info!("frontend disconnected; waiting for the next one"),
+            Err(e) => tracing::warn!("connection ended: {e}; waiting for the next one"),
+        }
+    }
+}
+
+fn block_stop_signals() -> anyhow::Result<libc::sigset_t> {
+    // SAFETY: sigset operations on a local, zero-initialised sigset_t, and
+    // pthread_sigmask with valid pointers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if r != 0 {
+            anyhow::bail!(
+                "cannot block signals: {}",
+                std::io::Error::from_raw_os_error(r)
+            );
+        }
+        Ok(set)
+    }
+}
+
+fn spawn_signal_thread(
+    set: libc::sigset_t,
+    shared: Arc<Shared>,
+    socket: PathBuf,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: set is a valid sigset and sig a valid out pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            tracing::info!(signal = sig, "stopping");
+            shared.stop.store(true, Ordering::Release);
+            let current = shared.current.lock().ok().and_then(|c| c.clone());
+            match current {
+                Some(handle) => handle.shutdown(),
+                None => wake_accept(&socket),
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+/// The main thread may be blocked in accept(): connect once so it returns and
+/// sees the stop flag.
+fn wake_accept(socket: &Path) {
+    let _ = UnixStream::connect(socket);
+}
