@@ -1,0 +1,31 @@
+#!/bin/bash
+# Installs the Debian packages vmcrypt's demo, tests and benchmarks need.
+# Safe to run again: apt skips what is installed. Needs root.
+#
+# Trap (see shared ENVIRONMENT.md): installing qemu-system-x86 (7.2) removes
+# the preinstalled qemu-utils 10, so qemu-utils is installed again afterwards
+# to get qemu-img/qemu-io back, in the version that matches QEMU.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
+[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
+ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
+command -v cpio >/dev/null || need+=(cpio)
+command -v flock >/dev/null || need+=(util-linux)
+
+if [ ${#need[@]} -gt 0 ]; then
+    echo "install-deps: installing ${need[*]}"
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+# qemu-img/qemu-io must match QEMU 7.2 (and exist at all after the trap).
+if ! command -v qemu-io >/dev/null || ! qemu-img --version | grep -q "version 7\."; then
+    echo "install-deps: installing qemu-utils matching QEMU"
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends qemu-utils
+fi
+qemu-system-x86_64 --version | head -1
+qemu-img --version | head -1
