@@ -5,4 +5,5 @@
 pub mod hardening;
 pub mod key;
 pub mod luks;
+pub mod policy;
 pub mod xts;

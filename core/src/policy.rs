@@ -1,0 +1,64 @@
+//! The per-VM migration encryption policy.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// How a VM's migrations are protected (DESIGN.md, "A policy per VM").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Never encrypt: the stream is relayed as is.
+    Disabled,
+    /// Encrypt when both hosts can; migrate plain otherwise (the default).
+    #[default]
+    Opportunistic,
+    /// Encrypt, or refuse to migrate.
+    Required,
+}
+
+impl Policy {
+    /// The name used on command lines and in domain metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Disabled => "disabled",
+            Policy::Opportunistic => "opportunistic",
+            Policy::Required => "required",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An unknown policy name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown policy {0:?} (disabled, opportunistic or required)")]
+pub struct UnknownPolicy(pub String);
+
+impl FromStr for Policy {
+    type Err = UnknownPolicy;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "disabled" => Ok(Policy::Disabled),
+            "opportunistic" => Ok(Policy::Opportunistic),
+            "required" => Ok(Policy::Required),
+            other => Err(UnknownPolicy(other.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for p in [Policy::Disabled, Policy::Opportunistic, Policy::Required] {
+            assert_eq!(p.as_str().parse::<Policy>().unwrap(), p);
+        }
+        assert!("plain".parse::<Policy>().is_err());
+        assert_eq!(Policy::default(), Policy::Opportunistic);
+    }
+}

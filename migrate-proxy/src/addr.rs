@@ -1,0 +1,210 @@
+//! Addresses (`HOST:PORT` or `unix:PATH`) and the two kinds of stream.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Where to listen or connect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Addr {
+    /// TCP, resolved at parse time.
+    Tcp(SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+impl FromStr for Addr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path, e.g. unix:/run/mig.sock".into());
+            }
+            return Ok(Addr::Unix(PathBuf::from(path)));
+        }
+        let mut addrs = s
+            .to_socket_addrs()
+            .map_err(|e| format!("{s:?} is not HOST:PORT or unix:PATH ({e})"))?;
+        addrs
+            .next()
+            .map(Addr::Tcp)
+            .ok_or_else(|| format!("{s:?} resolves to no address"))
+    }
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Tcp(a) => write!(f, "{a}"),
+            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl Addr {
+    /// Whether only this host can reach it (loopback TCP or a unix socket).
+    pub fn is_local(&self) -> bool {
+        match self {
+            Addr::Tcp(a) => a.ip().is_loopback(),
+            Addr::Unix(_) => true,
+        }
+    }
+
+    /// Listens on the address (a stale unix socket file is replaced).
+    pub fn listen(&self) -> io::Result<Listener> {
+        match self {
+            Addr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a)?)),
+            Addr::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+            }
+        }
+    }
+
+    /// Connects, giving up after `timeout` (TCP).
+    pub fn connect(&self, timeout: Duration) -> io::Result<Stream> {
+        match self {
+            Addr::Tcp(a) => {
+                let s = TcpStream::connect_timeout(a, timeout)?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            Addr::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p)?)),
+        }
+    }
+}
+
+/// A listening socket.
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix, with its path (removed on drop).
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Accepts one connection.
+    pub fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept()?.0)),
+        }
+    }
+
+    /// The bound address (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> io::Result<Addr> {
+        match self {
+            Listener::Tcp(l) => Ok(Addr::Tcp(l.local_addr()?)),
+            Listener::Unix(_, p) => Ok(Addr::Unix(p.clone())),
+        }
+    }
+
+    /// Non-blocking accept, for loops that also watch a stop flag.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(on),
+            Listener::Unix(l, _) => l.set_nonblocking(on),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A connected stream.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Another handle to the same socket.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        match self {
+            Stream::Tcp(s) => Ok(Stream::Tcp(s.try_clone()?)),
+            Stream::Unix(s) => Ok(Stream::Unix(s.try_clone()?)),
+        }
+    }
+
+    /// shutdown(2).
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(how),
+            Stream::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    /// Ends the connection as an error: TCP sends a reset rather than a
+    /// clean end of stream, so the peer cannot take a cut stream for a
+    /// finished one.
+    pub fn abort(&self) {
+        if let Stream::Tcp(s) = self {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        }
+        let _ = self.shutdown(Shutdown::Both);
+    }
+
+    /// Read timeout (None: block).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).read(buf),
+            Stream::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).write(buf),
+            Stream::Unix(s) => (&*s).write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_addrs() {
+        assert_eq!(
+            "unix:/tmp/x".parse::<Addr>().unwrap(),
+            Addr::Unix("/tmp/x".into())
+        );
+        let a: Addr = "127.0.0.1:4444".parse().unwrap();
+        assert!(a.is_local());
+        let b: Addr = "10.0.0.1:4444".parse().unwrap();
+        assert!(!b.is_local());
+        assert!("nonsense".parse::<Addr>().is_err());
+        assert!("unix:".parse::<Addr>().is_err());
+    }
+}
