@@ -8,6 +8,8 @@
 #![deny(missing_docs)]
 
 pub mod addr;
+pub mod control;
+pub mod daemon;
 pub mod dest;
 pub mod error;
 pub mod migration;

@@ -56,6 +56,16 @@ enum Side {
         #[command(flatten)]
         arm: Arming,
     },
+    /// Run as the host's daemon: many migrations at once, armed over the
+    /// control socket (the libvirt hook and `vmcrypt migrate` use it).
+    Daemon {
+        /// Control socket (created mode 0600).
+        #[arg(long, default_value = "/run/vmcrypt/migrate.sock")]
+        control: PathBuf,
+        /// Where source proxies connect (HOST:PORT).
+        #[arg(long, default_value = "0.0.0.0:49200")]
+        listen: Addr,
+    },
     /// Destination host: the source proxy connects to --listen; the stream
     /// goes to QEMU's -incoming at --forward.
     Dest {
@@ -105,28 +115,30 @@ fn main() -> ExitCode {
 
 /// After the last connection ends, wait this long for another (multifd
 /// channels may still be opening) before calling the migration complete.
-/// The accept loop of one side, run on its own thread.
-type AcceptFn = Box<dyn FnOnce() -> anyhow::Result<()> + Send>;
-
 const GRACE: Duration = Duration::from_millis(500);
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     vmcrypt_core::hardening::forbid_core_dumps().context("cannot make the process non-dumpable")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (mig, arm, accept): (Arc<Migration>, &Arming, AcceptFn) = match &cli.side {
+    match cli.side {
+        Side::Daemon { control, listen } => {
+            if let Some(dir) = control.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            vmcrypt_migrate::daemon::run(&control, &listen)
+        }
         Side::Source { listen, peer, arm } => {
             if !listen.is_local() {
                 bail!("--listen {listen} must be loopback or unix: only the local QEMU may feed the tunnel");
             }
-            let mig = Arc::new(Migration::new(spec(arm)?));
+            let mig = Arc::new(Migration::new(spec(&arm)?));
             let listener = listen
                 .listen()
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            let (m, p, st) = (mig.clone(), peer.clone(), stop.clone());
-            let f = move || -> anyhow::Result<()> {
-                source::serve(&listener, &p, &m, &st).context("accepting QEMU's connections")
-            };
-            (mig, arm, Box::new(f))
+            let m = mig.clone();
+            run_one(mig, &arm, move |stop| {
+                source::serve(&listener, &peer, &m, &stop).context("accepting QEMU's connections")
+            })
         }
         Side::Dest {
             listen,
@@ -136,25 +148,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !forward.is_local() {
                 bail!("--forward {forward} must be loopback or unix: the destination QEMU listens locally only");
             }
-            let mig = Arc::new(Migration::new(spec(arm)?));
+            let mig = Arc::new(Migration::new(spec(&arm)?));
             let registry = Arc::new(Registry::default());
             registry.arm(Armed {
                 mig: mig.clone(),
-                forward: forward.clone(),
+                forward,
             });
             let listener = listen
                 .listen()
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            let st = stop.clone();
-            let f = move || -> anyhow::Result<()> {
-                dest::serve(&listener, &registry, &st).context("accepting the source proxy")
-            };
-            (mig, arm, Box::new(f))
+            run_one(mig, &arm, move |stop| {
+                dest::serve(&listener, &registry, &stop).context("accepting the source proxy")
+            })
         }
-    };
+    }
+}
+
+/// Runs one command-line-armed migration: `accept` serves connections on a
+/// thread until told to stop; the outcome decides the exit status.
+fn run_one<F>(mig: Arc<Migration>, arm: &Arming, accept: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Arc<AtomicBool>) -> anyhow::Result<()> + Send + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
     let acceptor = std::thread::Builder::new()
         .name("accept".into())
-        .spawn(accept)
+        .spawn(move || accept(st))
         .context("cannot start the accept thread")?;
     if let Some(t) = arm.timeout {
         let (m, st) = (mig.clone(), stop.clone());

@@ -151,17 +151,36 @@ impl Migration {
         self.changed.notify_all();
     }
 
-    /// Waits for the outcome: `Ok(bytes)` once at least one connection ran
-    /// and all ended cleanly with no new one for `grace`; `Err` on failure.
+    /// The outcome if it is known: `Ok(bytes)` once at least one
+    /// connection ran and all ended cleanly with no new one for `grace`;
+    /// `Err` on failure; `None` while it is still going (or not started).
+    pub fn poll_outcome(&self, grace: Duration) -> Option<Result<u64, String>> {
+        let st = self.lock();
+        Self::outcome_locked(&st, grace)
+    }
+
+    fn outcome_locked(st: &State, grace: Duration) -> Option<Result<u64, String>> {
+        if let Some(f) = &st.failure {
+            return Some(Err(f.clone()));
+        }
+        let quiet = st.last_change.map(|t| t.elapsed());
+        if st.started > 0 && st.finished == st.started && quiet.is_some_and(|q| q >= grace) {
+            return Some(Ok(st.bytes));
+        }
+        None
+    }
+
+    /// Connections started so far.
+    pub fn connections(&self) -> u32 {
+        self.lock().started
+    }
+
+    /// Blocks until [`Self::poll_outcome`] has an answer.
     pub fn wait_outcome(&self, grace: Duration) -> Result<u64, String> {
         let mut st = self.lock();
         loop {
-            if let Some(f) = &st.failure {
-                return Err(f.clone());
-            }
-            let quiet = st.last_change.map(|t| t.elapsed());
-            if st.started > 0 && st.finished == st.started && quiet.is_some_and(|q| q >= grace) {
-                return Ok(st.bytes);
+            if let Some(o) = Self::outcome_locked(&st, grace) {
+                return o;
             }
             st = self
                 .changed

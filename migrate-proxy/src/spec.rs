@@ -73,7 +73,7 @@ impl fmt::Debug for MigrationKey {
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     /// `required` without a key.
-    #[error("policy required needs a key (--key-file) and a nonce (--nonce)")]
+    #[error("policy required needs a migration key and nonce")]
     RequiredNeedsKey,
     /// `disabled` with a key.
     #[error("policy disabled never encrypts; do not pass a key")]

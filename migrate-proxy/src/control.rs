@@ -1,0 +1,154 @@
+//! The daemon's control protocol: JSON lines over a root-only unix socket.
+//!
+//! One request per line, one response per line:
+//!
+//! | request `op` | fields | response |
+//! |---|---|---|
+//! | `ping` | | `{"ok":true,"version":1,"encrypt":true}` |
+//! | `arm-source` | `id`, `listen` (loopback/unix; port 0 picks one), `peer`, `policy`, [`key`, `nonce`] | `{"ok":true,"listen":"127.0.0.1:PORT"}` |
+//! | `arm-dest` | `id`, `forward`, `policy`, [`key`, `nonce`] | `{"ok":true}` |
+//! | `status` | `id` | `{"ok":true,"state":"armed"\|"running"\|"completed"\|"failed","error":…,"bytes":…}` |
+//! | `disarm` | `id` | `{"ok":true}`: forgets it, cutting its connections if any |
+//!
+//! Errors: `{"ok":false,"error":"one line"}`. `id` is 32 hex characters,
+//! `key` 64, `nonce` 16. The key crosses only this socket (mode 0600, so
+//! only root can arm), never a command line or a file.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+/// A control request.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Request {
+    /// The operation.
+    pub op: String,
+    /// Migration id (hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `arm-source`: where QEMU will connect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// `arm-source`: the destination proxy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// `arm-dest`: the destination QEMU's incoming address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward: Option<String>,
+    /// Policy name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Migration key (hex); wiped after use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Migration nonce (hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.as_mut() {
+            k.zeroize();
+        }
+    }
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", serde_json::to_string(self).unwrap_or_default())
+    }
+}
+
+/// A control response.
+#[derive(Serialize, Deserialize, Default, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Why not, one line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `ping`: protocol version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// `ping`: this daemon can encrypt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypt: Option<bool>,
+    /// `arm-source`: the address QEMU should migrate to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// `status`: armed, running, completed or failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// `status`: stream bytes moved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
+impl Response {
+    /// A success.
+    pub fn ok() -> Response {
+        Response {
+            ok: true,
+            ..Default::default()
+        }
+    }
+
+    /// A failure with one line of explanation.
+    pub fn err(e: impl std::fmt::Display) -> Response {
+        Response {
+            ok: false,
+            error: Some(e.to_string()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Errors talking to a daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket is not there or refuses.
+    #[error("cannot reach the vmcrypt-migrate daemon at {path}: {source}")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The exchange failed.
+    #[error("talking to the vmcrypt-migrate daemon failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon answered something that is not a response.
+    #[error("the vmcrypt-migrate daemon sent a malformed response")]
+    Malformed,
+    /// The daemon refused.
+    #[error("vmcrypt-migrate daemon: {0}")]
+    Refused(String),
+}
+
+/// Sends one request and returns the (successful) response.
+pub fn call(socket: &Path, req: &Request) -> Result<Response, ControlError> {
+    let stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_vec(req).map_err(|_| ControlError::Malformed)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    line.zeroize();
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    let resp: Response = serde_json::from_str(&reply).map_err(|_| ControlError::Malformed)?;
+    if !resp.ok {
+        return Err(ControlError::Refused(
+            resp.error.unwrap_or_else(|| "refused".into()),
+        ));
+    }
+    Ok(resp)
+}
