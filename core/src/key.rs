@@ -17,7 +17,7 @@ pub const MAX_KEY_FILE_LEN: u64 = 8192;
 #[derive(Debug, Error)]
 pub enum KeyError {
     /// The key file could not be opened or read.
-    #[error("cannot read key file {path}: {source}")]
+    #[error("cannot read key file {path}")]
     Read {
         /// The path given by the user.
         path: String,

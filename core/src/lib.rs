@@ -4,6 +4,7 @@
 
 pub mod hardening;
 pub mod key;
+pub mod logging;
 pub mod luks;
 pub mod policy;
 pub mod xts;

@@ -112,7 +112,7 @@ impl Response {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// The socket is not there or refuses.
-    #[error("cannot reach the vmcrypt-migrate daemon at {path}: {source}")]
+    #[error("cannot reach the vmcrypt-migrate daemon at {path}")]
     Connect {
         /// Socket path.
         path: String,
@@ -121,7 +121,7 @@ pub enum ControlError {
         source: std::io::Error,
     },
     /// The exchange failed.
-    #[error("talking to the vmcrypt-migrate daemon failed: {0}")]
+    #[error("talking to the vmcrypt-migrate daemon failed")]
     Io(#[from] std::io::Error),
     /// The daemon answered something that is not a response.
     #[error("the vmcrypt-migrate daemon sent a malformed response")]

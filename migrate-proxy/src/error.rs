@@ -22,8 +22,7 @@ pub enum ProxyError {
     Io {
         /// What we were doing.
         what: &'static str,
-        /// The OS error.
-        #[source]
+        /// The OS error (part of the message, so not also a `source`).
         source: std::io::Error,
     },
     /// The peer's hello is not valid.

@@ -97,13 +97,7 @@ fn spec(arm: &Arming) -> anyhow::Result<Spec> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMCRYPT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    vmcrypt_core::logging::init("error");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,4 +1,5 @@
 //! Harness for vmcrypt's end-to-end tests: a real QEMU guest, real daemons.
 
+pub mod frontend;
 pub mod guest;
 pub mod vmcrypt;

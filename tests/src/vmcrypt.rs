@@ -197,3 +197,24 @@ pub fn sha256_prefix(path: &Path, len: u64) -> Result<String> {
         .map(str::to_string)
         .ok_or_else(|| anyhow!("sha256sum printed nothing"))
 }
+
+/// `qemu-img create -f luks` with the key file as the secret. QEMU 7.2
+/// randomly fails its PBKDF2 benchmark here ("Unable to get accurate CPU
+/// usage"), whatever the iter-time, so it is retried.
+pub fn qemu_img_create_luks(image: &Path, size: &str, key: &Path) -> Result<()> {
+    let secret = format!("secret,id=s,file={},format=raw", key.display());
+    let mut last = String::new();
+    for _ in 0..12 {
+        let _ = std::fs::remove_file(image);
+        let out = run(Command::new("qemu-img")
+            .args(["create", "-f", "luks", "--object", &secret])
+            .args(["-o", "key-secret=s,iter-time=200"])
+            .arg(image)
+            .arg(size))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+    }
+    bail!("qemu-img create -f luks kept failing: {last}")
+}

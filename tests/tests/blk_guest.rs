@@ -156,13 +156,7 @@ fn qemu_made_luks_image_is_served() -> Result<()> {
     let socket = dir.join("blk.sock");
     write_key_file(&key)?;
     let secret = format!("secret,id=s,file={},format=raw", key.display());
-    vmcrypt_tests::vmcrypt::run_ok(
-        std::process::Command::new("qemu-img")
-            .args(["create", "-f", "luks", "--object", &secret])
-            .args(["-o", "key-secret=s,iter-time=200"])
-            .arg(&image)
-            .arg("32M"),
-    )?;
+    vmcrypt_tests::vmcrypt::qemu_img_create_luks(&image, "32M", &key)?;
     vmcrypt_tests::vmcrypt::run_ok(
         std::process::Command::new("qemu-io")
             .args(["--object", &secret, "--image-opts"])

@@ -189,8 +189,10 @@ impl VhostUserBackend for BlkBackend {
             // until re-enabling notifications finds nothing new.
             loop {
                 state.disable_notification().map_err(io::Error::other)?;
-                worker.process_queue(&mut state, &mem);
-                if !state.enable_notification().map_err(io::Error::other)? {
+                let done = worker.process_queue(&mut state, &mem);
+                // No progress means nothing valid is available (or the ring
+                // is broken): wait for the next kick instead of spinning.
+                if !state.enable_notification().map_err(io::Error::other)? || done == 0 {
                     break;
                 }
             }

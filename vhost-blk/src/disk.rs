@@ -34,7 +34,7 @@ pub struct DiskConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// The image does not exist or cannot be opened.
-    #[error("cannot open image {path}: {source}")]
+    #[error("cannot open image {path}")]
     Open {
         /// Path given.
         path: String,
@@ -49,7 +49,7 @@ pub enum OpenError {
     #[error("image {0} has no LUKS header but a key was given; refusing to serve it (is it the right image?)")]
     NotEncrypted(String),
     /// The LUKS container refused.
-    #[error("image {path}: {source}")]
+    #[error("image {path}")]
     Luks {
         /// Path given.
         path: String,
@@ -129,7 +129,7 @@ impl Disk {
                 let pass = Passphrase::from_file(key_file)?;
                 let header = luks::read_header(&probe).map_err(luks_err)?;
                 let (slot, key) = luks::unlock(&probe, &header, &pass).map_err(luks_err)?;
-                tracing::info!(slot, uuid = %header.uuid, "unlocked LUKS key slot");
+                tracing::debug!(slot, uuid = %header.uuid, "unlocked LUKS key slot");
                 let len = luks::payload_len(&probe, &header).map_err(luks_err)?;
                 (header.payload_bytes(), len, Some(key))
             }

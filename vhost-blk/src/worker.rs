@@ -46,6 +46,7 @@ pub struct Worker {
     disk: Arc<Disk>,
     cipher: Option<SectorCipher>,
     bounce: AlignedBuf,
+    warned_broken: bool,
 }
 
 impl Worker {
@@ -60,12 +61,20 @@ impl Worker {
             disk,
             cipher,
             bounce: AlignedBuf::new(),
+            warned_broken: false,
         })
     }
 
-    /// Completes every available request; returns whether any was used.
-    pub fn process_queue(&mut self, vring: &mut VringState<GuestMemAtomic>, mem: &GuestMem) {
-        let mut used_any = false;
+    /// Completes every available request; returns how many it completed.
+    ///
+    /// A queue whose available index is invalid (more than a queue's worth
+    /// ahead) yields nothing; the caller must not loop on it.
+    pub fn process_queue(
+        &mut self,
+        vring: &mut VringState<GuestMemAtomic>,
+        mem: &GuestMem,
+    ) -> usize {
+        let mut used = 0usize;
         while let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let len = self.handle(chain, mem);
@@ -75,15 +84,24 @@ impl Worker {
                 tracing::warn!("cannot complete request: {e}");
                 break;
             }
-            used_any = true;
+            used += 1;
         }
         // Signal when told to; if asking fails, signal anyway: a spurious
         // interrupt is harmless, a missing one hangs the guest.
-        if used_any && vring.needs_notification().unwrap_or(true) {
+        if used > 0 && vring.needs_notification().unwrap_or(true) {
             if let Err(e) = vring.signal_used_queue() {
                 tracing::warn!("cannot signal the guest: {e}");
             }
         }
+        if used == 0 && !self.warned_broken && queue_is_broken(vring, mem) {
+            // Said once per connection: the guest controls how often we
+            // would otherwise say it.
+            self.warned_broken = true;
+            tracing::warn!(
+                "the guest's available ring index is invalid; ignoring the queue until it is reset"
+            );
+        }
+        used
     }
 
     /// Runs one chain; returns the used length (bytes written for the guest).
@@ -159,12 +177,17 @@ impl Worker {
             RequestType::Discard | RequestType::WriteZeroes => {
                 self.check_writable()?;
                 let zeroes = req.kind == RequestType::WriteZeroes;
-                for (sector, count, flags) in read_segments(req, mem)? {
-                    let allowed = if zeroes { WRITE_ZEROES_UNMAP } else { 0 };
+                let segments = read_segments(req, mem)?;
+                // Check every segment before touching any: a refused request
+                // must change nothing.
+                let allowed = if zeroes { WRITE_ZEROES_UNMAP } else { 0 };
+                for &(sector, count, flags) in &segments {
                     if flags & !allowed != 0 || count > MAX_SEGMENT_SECTORS {
                         return Err(ExecuteError::BadSegment);
                     }
                     self.check_range(sector, u64::from(count) * 512)?;
+                }
+                for (sector, count, flags) in segments {
                     if zeroes {
                         self.write_zeroes(sector, u64::from(count), flags)?;
                     } else {
@@ -328,6 +351,16 @@ impl Worker {
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+/// Whether the driver published an available index more than a queue's worth
+/// ahead of what we consumed, which no valid driver does.
+fn queue_is_broken(vring: &VringState<GuestMemAtomic>, mem: &GuestMem) -> bool {
+    let q = vring.get_queue();
+    match q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(avail) => (avail - std::num::Wrapping(q.next_avail())).0 > q.size(),
+        Err(_) => true,
     }
 }
 

@@ -43,6 +43,11 @@ pub const KEYSLOT_DISABLED: u32 = 0x0000_DEAD;
 /// LUKS1 sectors are always 512 bytes.
 pub const SECTOR: u64 = 512;
 
+/// Most PBKDF2 iterations we accept. cryptsetup and qemu-img benchmark the
+/// CPU and rarely pass a few million; a corrupt count (one flipped high byte
+/// gives billions) must fail at once instead of hanging the start for hours.
+pub const MAX_ITERATIONS: u32 = 50_000_000;
+
 const KEYSLOTS_AT: usize = 208;
 const KEYSLOT_SIZE: usize = 48;
 
@@ -172,10 +177,11 @@ impl Header {
                 self.key_bytes
             )));
         }
-        if self.mk_digest_iter == 0 {
-            return Err(LuksError::Corrupt(
-                "master key digest has 0 iterations".into(),
-            ));
+        if self.mk_digest_iter == 0 || self.mk_digest_iter > MAX_ITERATIONS {
+            return Err(LuksError::Corrupt(format!(
+                "master key digest has an implausible iteration count {}",
+                self.mk_digest_iter
+            )));
         }
         let header_sectors = (PHDR_SIZE as u64).div_ceil(SECTOR);
         if u64::from(self.payload_offset) < header_sectors {
@@ -185,8 +191,11 @@ impl Header {
             )));
         }
         for (i, s) in self.slots.iter().enumerate().filter(|(_, s)| s.active) {
-            if s.iterations == 0 {
-                return Err(LuksError::Corrupt(format!("key slot {i} has 0 iterations")));
+            if s.iterations == 0 || s.iterations > MAX_ITERATIONS {
+                return Err(LuksError::Corrupt(format!(
+                    "key slot {i} has an implausible iteration count {}",
+                    s.iterations
+                )));
             }
             if s.stripes == 0 || s.stripes > STRIPES {
                 return Err(LuksError::Corrupt(format!(

@@ -68,7 +68,7 @@ pub enum LuksError {
     #[error("all 8 key slots are in use")]
     NoFreeSlot,
     /// Reading or writing the image failed.
-    #[error("image I/O failed: {0}")]
+    #[error("image I/O failed")]
     Io(#[from] std::io::Error),
     /// The cipher failed.
     #[error(transparent)]
