@@ -2,8 +2,10 @@
 //! the LUKS1 container.
 #![deny(missing_docs)]
 
+pub mod convert;
 pub mod hardening;
 pub mod key;
+pub mod kms;
 pub mod logging;
 pub mod luks;
 pub mod policy;

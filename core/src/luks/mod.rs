@@ -10,6 +10,7 @@
 mod af;
 mod hash;
 mod header;
+pub mod keyref;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

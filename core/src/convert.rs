@@ -1,0 +1,408 @@
+//! Converting images: encrypt a raw image, decrypt a LUKS image, and change
+//! keys (shallow: new KEK, same data key; deep: new data key, data
+//! re-encrypted).
+//!
+//! # Never lose data
+//! Conversions that rewrite data (encrypt, decrypt, deep rekey) write a
+//! complete new image next to the old one (`IMAGE.vmcrypt-new`), sync it,
+//! and rename it over the old one: rename is atomic, so a crash or `kill -9`
+//! at any point leaves either the old image (and a partial new file, which
+//! the next run deletes and starts again) or the new one. This needs free
+//! space for a second copy of the image.
+//!
+//! A shallow rekey only rewrites the key slot, in steps that always leave an
+//! image that one of the two keys opens: the new key goes into a free slot
+//! first, the header then names both slots, and only after that is the old
+//! slot disabled and its material wiped.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use crate::key::Passphrase;
+use crate::kms::KeyRef;
+use crate::luks::{self, keyref, CreateOptions, Header, LuksError, SECTOR};
+use crate::xts::SectorCipher;
+
+/// Bytes converted per step.
+const CHUNK: usize = 1 << 20;
+
+/// Progress callback: (bytes done, bytes total).
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// Errors of a conversion.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The image is already in the target form.
+    #[error("{0} is already encrypted")]
+    AlreadyEncrypted(String),
+    /// The image is not encrypted.
+    #[error("{0} is not encrypted")]
+    NotEncrypted(String),
+    /// The raw image's size is not a whole number of sectors.
+    #[error("{path} is {len} bytes, not a multiple of 512")]
+    Unaligned {
+        /// Image.
+        path: String,
+        /// Its size.
+        len: u64,
+    },
+    /// Something is wrong with the LUKS container or the key.
+    #[error(transparent)]
+    Luks(#[from] LuksError),
+    /// A file operation failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// On which file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ConvertError + 'a {
+    move |source| ConvertError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The temporary file a conversion writes before renaming it into place.
+pub fn scratch_path(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".vmcrypt-new");
+    PathBuf::from(p)
+}
+
+fn open_scratch(image: &Path) -> Result<(PathBuf, File), ConvertError> {
+    let scratch = scratch_path(image);
+    // Left over from an interrupted run: the original is intact, start again.
+    match std::fs::remove_file(&scratch) {
+        Ok(()) => tracing::info!(
+            "removed {} left by an interrupted conversion",
+            scratch.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("cannot remove", &scratch)(e)),
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&scratch)
+        .map_err(io("cannot create", &scratch))?;
+    Ok((scratch, f))
+}
+
+/// Syncs `scratch` and renames it over `image`, then syncs the folder.
+fn commit(scratch: &Path, file: &File, image: &Path) -> Result<(), ConvertError> {
+    file.sync_all().map_err(io("cannot sync", scratch))?;
+    std::fs::rename(scratch, image).map_err(io("cannot rename over", image))?;
+    if let Some(dir) = image.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("cannot sync the folder of", image))?;
+    }
+    Ok(())
+}
+
+fn open_ro(image: &Path) -> Result<File, ConvertError> {
+    File::open(image).map_err(io("cannot open", image))
+}
+
+/// Copies `len` bytes from `src` at `src_off` to `dst` at `dst_off`,
+/// transforming each chunk (whose first sector is given) on the way.
+fn copy_transform(
+    src: (&File, &Path, u64),
+    dst: (&File, &Path, u64),
+    len: u64,
+    mut transform: impl FnMut(u64, &mut [u8]) -> Result<(), ConvertError>,
+    progress: Progress<'_>,
+) -> Result<(), ConvertError> {
+    let mut buf = Zeroizing::new(vec![0u8; CHUNK]);
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(CHUNK as u64) as usize;
+        let chunk = &mut buf[..n];
+        src.0
+            .read_exact_at(chunk, src.2 + done)
+            .map_err(io("cannot read", src.1))?;
+        transform(done / SECTOR, chunk)?;
+        dst.0
+            .write_all_at(chunk, dst.2 + done)
+            .map_err(io("cannot write", dst.1))?;
+        done += n as u64;
+        progress(done, len);
+    }
+    Ok(())
+}
+
+/// Encrypts a raw image in place (via a new file): a new data key, opened by
+/// `pass`; records `key_ref` with the image.
+pub fn encrypt(
+    image: &Path,
+    pass: &Passphrase,
+    key_ref: &KeyRef,
+    progress: Progress<'_>,
+) -> Result<(), ConvertError> {
+    let src = open_ro(image)?;
+    if luks::is_luks(&src)? {
+        return Err(ConvertError::AlreadyEncrypted(image.display().to_string()));
+    }
+    let len = luks::block_device_len(&src)?;
+    if len % SECTOR != 0 {
+        return Err(ConvertError::Unaligned {
+            path: image.display().to_string(),
+            len,
+        });
+    }
+    let (scratch, dst) = open_scratch(image)?;
+    let master = crate::xts::random_key().map_err(LuksError::from)?;
+    let header = luks::create_with_key(&dst, len, pass, &CreateOptions::default(), &master)?;
+    let mut cipher = SectorCipher::new(&master).map_err(LuksError::from)?;
+    copy_transform(
+        (&src, image, 0),
+        (&dst, &scratch, header.payload_bytes()),
+        len,
+        |sector, chunk| Ok(cipher.encrypt(sector, chunk).map_err(LuksError::from)?),
+        progress,
+    )?;
+    keyref::write(image, &dst, &header, key_ref)?;
+    commit(&scratch, &dst, image)
+}
+
+/// Decrypts a LUKS image in place (via a new file) back to raw.
+pub fn decrypt(
+    image: &Path,
+    pass: &Passphrase,
+    progress: Progress<'_>,
+) -> Result<(), ConvertError> {
+    let src = open_ro(image)?;
+    let (header, master) = unlock(image, &src, pass)?;
+    let len = luks::payload_len(&src, &header)?;
+    let (scratch, dst) = open_scratch(image)?;
+    dst.set_len(len).map_err(io("cannot size", &scratch))?;
+    let mut cipher = SectorCipher::new(&master).map_err(LuksError::from)?;
+    copy_transform(
+        (&src, image, header.payload_bytes()),
+        (&dst, &scratch, 0),
+        len,
+        |sector, chunk| Ok(cipher.decrypt(sector, chunk).map_err(LuksError::from)?),
+        progress,
+    )?;
+    commit(&scratch, &dst, image)?;
+    if let keyref::Location::Sidecar(p) = keyref::location(image, &header) {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+fn unlock(
+    image: &Path,
+    f: &File,
+    pass: &Passphrase,
+) -> Result<(Header, luks::MasterKey), ConvertError> {
+    if !luks::is_luks(f)? {
+        return Err(ConvertError::NotEncrypted(image.display().to_string()));
+    }
+    let header = luks::read_header(f)?;
+    let (_, master) = luks::unlock(f, &header, pass)?;
+    Ok((header, master))
+}
+
+/// Deep rekey: a new data key, every sector re-encrypted, opened by
+/// `new_pass`; records `key_ref`.
+pub fn rekey_deep(
+    image: &Path,
+    old_pass: &Passphrase,
+    new_pass: &Passphrase,
+    key_ref: &KeyRef,
+    progress: Progress<'_>,
+) -> Result<(), ConvertError> {
+    let src = open_ro(image)?;
+    let (header, old_master) = unlock(image, &src, old_pass)?;
+    let len = luks::payload_len(&src, &header)?;
+    let (scratch, dst) = open_scratch(image)?;
+    let new_master = crate::xts::random_key().map_err(LuksError::from)?;
+    let new_header =
+        luks::create_with_key(&dst, len, new_pass, &CreateOptions::default(), &new_master)?;
+    let mut old = SectorCipher::new(&old_master).map_err(LuksError::from)?;
+    let mut new = SectorCipher::new(&new_master).map_err(LuksError::from)?;
+    copy_transform(
+        (&src, image, header.payload_bytes()),
+        (&dst, &scratch, new_header.payload_bytes()),
+        len,
+        |sector, chunk| {
+            old.decrypt(sector, chunk).map_err(LuksError::from)?;
+            Ok(new.encrypt(sector, chunk).map_err(LuksError::from)?)
+        },
+        progress,
+    )?;
+    keyref::write(image, &dst, &new_header, key_ref)?;
+    commit(&scratch, &dst, image)
+}
+
+/// Shallow rekey: the same data key, re-wrapped for `new_pass`; records
+/// `key_ref`. Each step leaves an image that the old or the new key opens.
+pub fn rekey_shallow(
+    image: &Path,
+    old_pass: &Passphrase,
+    new_pass: &Passphrase,
+    key_ref: &KeyRef,
+) -> Result<(), ConvertError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .map_err(io("cannot open", image))?;
+    if !luks::is_luks(&f)? {
+        return Err(ConvertError::NotEncrypted(image.display().to_string()));
+    }
+    let mut header = luks::read_header(&f)?;
+    let (old_slot, master) = luks::unlock(&f, &header, old_pass)?;
+    let new_slot = header
+        .slots
+        .iter()
+        .position(|s| !s.active)
+        .ok_or(LuksError::NoFreeSlot)?;
+    let iterations = header.slots[old_slot].iterations;
+    // 1. New slot's material (not yet referenced by the header).
+    luks::write_key_slot(&f, &mut header, new_slot, &master, new_pass, iterations)?;
+    f.sync_data().map_err(io("cannot sync", image))?;
+    // 2. Header with both slots active.
+    write_header(&f, image, &header)?;
+    // 3. The key reference names the new key.
+    keyref::write(image, &f, &header, key_ref)?;
+    // 4. Old slot disabled.
+    header.slots[old_slot].active = false;
+    write_header(&f, image, &header)?;
+    // 5. Old material wiped: the old key no longer opens the image.
+    let slot = &header.slots[old_slot];
+    let wipe = crate::key::random_bytes((header.split_sectors(slot) * SECTOR) as usize)
+        .map_err(LuksError::from)?;
+    f.write_all_at(&wipe, u64::from(slot.key_material_offset) * SECTOR)
+        .map_err(io("cannot wipe the old key slot of", image))?;
+    f.sync_data().map_err(io("cannot sync", image))?;
+    Ok(())
+}
+
+fn write_header(f: &File, image: &Path, header: &Header) -> Result<(), ConvertError> {
+    f.write_all_at(&header.encode(), 0)
+        .map_err(io("cannot write the header of", image))?;
+    f.sync_data().map_err(io("cannot sync", image))
+}
+
+/// What an image is, for `status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageStatus {
+    /// Whether it has a LUKS header.
+    pub encrypted: bool,
+    /// Its recorded key, if any.
+    pub key_ref: Option<KeyRef>,
+    /// A conversion was interrupted (its scratch file is there).
+    pub interrupted: bool,
+}
+
+/// Inspects an image (no key needed).
+pub fn status(image: &Path) -> Result<ImageStatus, ConvertError> {
+    let f = open_ro(image)?;
+    let encrypted = luks::is_luks(&f)?;
+    let key_ref = if encrypted {
+        let header = luks::read_header(&f)?;
+        keyref::read(image, &f, &header)?
+    } else {
+        None
+    };
+    Ok(ImageStatus {
+        encrypted,
+        key_ref,
+        interrupted: scratch_path(image).exists(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass(s: &str) -> Passphrase {
+        Passphrase::new(Zeroizing::new(s.as_bytes().to_vec()))
+    }
+
+    fn kref(id: &str) -> KeyRef {
+        KeyRef {
+            provider: "local".into(),
+            key_id: id.into(),
+        }
+    }
+
+    #[test]
+    fn encrypt_rekey_decrypt_round_trip() {
+        let dir = std::env::temp_dir().join(format!("vmcrypt-conv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        let data: Vec<u8> = (0..(3 << 20) + 512)
+            .map(|i: u32| (i * 31 + 7) as u8)
+            .collect();
+        std::fs::write(&img, &data).unwrap();
+        let mut calls = 0;
+        encrypt(&img, &pass("a"), &kref("k1"), &mut |_, _| calls += 1).unwrap();
+        assert!(calls >= 4);
+        let st = status(&img).unwrap();
+        assert!(st.encrypted && !st.interrupted);
+        assert_eq!(st.key_ref, Some(kref("k1")));
+        let raw = std::fs::read(&img).unwrap();
+        assert!(!raw.windows(64).any(|w| w == &data[1000..1064]));
+
+        rekey_shallow(&img, &pass("a"), &pass("b"), &kref("k2")).unwrap();
+        assert_eq!(status(&img).unwrap().key_ref, Some(kref("k2")));
+        let f = File::open(&img).unwrap();
+        let h = luks::read_header(&f).unwrap();
+        assert!(matches!(
+            luks::unlock(&f, &h, &pass("a")),
+            Err(LuksError::WrongKey)
+        ));
+
+        rekey_deep(&img, &pass("b"), &pass("c"), &kref("k3"), &mut |_, _| {}).unwrap();
+        assert!(matches!(
+            decrypt(&img, &pass("b"), &mut |_, _| {}),
+            Err(ConvertError::Luks(LuksError::WrongKey))
+        ));
+        decrypt(&img, &pass("c"), &mut |_, _| {}).unwrap();
+        assert_eq!(std::fs::read(&img).unwrap(), data);
+        assert!(!status(&img).unwrap().encrypted);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_wrong_state_and_leaves_image_alone() {
+        let dir = std::env::temp_dir().join(format!("vmcrypt-conv2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("raw.img");
+        std::fs::write(&img, vec![1u8; 4096]).unwrap();
+        assert!(matches!(
+            decrypt(&img, &pass("x"), &mut |_, _| {}),
+            Err(ConvertError::NotEncrypted(_))
+        ));
+        std::fs::write(&img, vec![1u8; 1000]).unwrap();
+        assert!(matches!(
+            encrypt(&img, &pass("x"), &kref("k"), &mut |_, _| {}),
+            Err(ConvertError::Unaligned { .. })
+        ));
+        assert_eq!(std::fs::read(&img).unwrap(), vec![1u8; 1000]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
