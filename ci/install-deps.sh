@@ -15,6 +15,13 @@ command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 command -v cpio >/dev/null || need+=(cpio)
 command -v flock >/dev/null || need+=(util-linux)
+# The KMIP tests: openssl makes their certificates; PyKMIP runs in a venv.
+command -v openssl >/dev/null || need+=(openssl)
+PYKMIP_VENV=/opt/pykmip-venv
+if [ ! -x "$PYKMIP_VENV/bin/pykmip-server" ]; then
+    command -v python3 >/dev/null || need+=(python3)
+    dpkg -s python3-venv >/dev/null 2>&1 || need+=(python3-venv)
+fi
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "install-deps: installing ${need[*]}"
@@ -26,6 +33,13 @@ if ! command -v qemu-io >/dev/null || ! qemu-img --version | grep -q "version 7\
     echo "install-deps: installing qemu-utils matching QEMU"
     apt-get update -q
     apt-get install -y -q --no-install-recommends qemu-utils
+fi
+# PyKMIP, the KMIP server the tests start (tests/src/kmip.rs; VMCRYPT_PYKMIP
+# points elsewhere if wanted).
+if [ ! -x "$PYKMIP_VENV/bin/pykmip-server" ]; then
+    echo "install-deps: installing PyKMIP in $PYKMIP_VENV"
+    python3 -m venv "$PYKMIP_VENV"
+    "$PYKMIP_VENV/bin/pip" install -q pykmip
 fi
 qemu-system-x86_64 --version | head -1
 qemu-img --version | head -1

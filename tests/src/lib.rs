@@ -2,4 +2,5 @@
 
 pub mod frontend;
 pub mod guest;
+pub mod kmip;
 pub mod vmcrypt;

@@ -6,6 +6,8 @@
 //! a KMIP 1.1+ key server cluster, and the embedded local
 //! keystore ([`local`]) for a single host or a demo.
 
+pub mod config;
+pub mod kmip;
 pub mod local;
 
 use std::fmt;

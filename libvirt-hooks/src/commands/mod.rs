@@ -1,3 +1,5 @@
 //! One module per subcommand.
 
 pub mod image;
+pub mod kms;
+pub mod lifecycle;
