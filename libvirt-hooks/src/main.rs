@@ -83,7 +83,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    vmcrypt_core::logging::init("warn");
+    vmcrypt_core::logging::init("error");
     let result = match cli.command {
         Command::Image(cmd) => commands::image::run(cmd),
         Command::Kms(cmd) => commands::kms::run(cmd),
