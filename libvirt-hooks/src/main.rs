@@ -84,6 +84,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     vmcrypt_core::logging::init("error");
+    // Several commands hold KEKs: this process never dumps its memory.
+    if let Err(e) = vmcrypt_core::hardening::forbid_core_dumps() {
+        eprintln!("vmcrypt: cannot make the process non-dumpable: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Image(cmd) => commands::image::run(cmd),
         Command::Kms(cmd) => commands::kms::run(cmd),
