@@ -1,1 +1,41 @@
-fn main() {}
+//! `vmcrypt-bench`: measures vmcrypt against its peers.
+//!
+//! `vmcrypt-bench disk` drives vhost-user-blk exports (vmcrypt-blk encrypted
+//! and plain, qemu-storage-daemon raw and LUKS) through the `blkio` crate and
+//! prints medians and the ratios the project's targets are about.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod disk;
+mod proc;
+
+#[derive(Parser, Debug)]
+#[command(name = "vmcrypt-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// vhost-user-blk throughput: vmcrypt-blk (encrypted, plain) against
+    /// qemu-storage-daemon (raw, LUKS), images on tmpfs, no guest.
+    Disk(disk::DiskArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    proc::install_stop_handlers();
+    let result = match cli.command {
+        Command::Disk(args) => disk::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmcrypt-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

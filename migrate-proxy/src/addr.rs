@@ -160,6 +160,14 @@ impl Stream {
         let _ = self.shutdown(Shutdown::Both);
     }
 
+    /// Write timeout (None: block).
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
     /// Read timeout (None: block).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {

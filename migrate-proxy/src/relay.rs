@@ -22,15 +22,32 @@ use crate::wire::record::{Opener, Role, Sealer};
 const CHUNK: usize = 256 * 1024;
 /// How long the return path may take to wind down after the stream ended.
 const WIND_DOWN: Duration = Duration::from_secs(30);
+/// A write to the peer that makes no progress for this long fails: a peer
+/// (or middlebox) that stops reading must not hang the migration forever.
+const PEER_WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Relays one established connection between `local` (our QEMU) and `peer`
 /// (the other proxy). Returns the bytes of the migration stream.
+///
+/// Encrypted, a connection succeeds only when both directions ended with
+/// their authenticated END frame: the source learns that the destination
+/// received the whole stream, and anything else (a cut, a stall, tampering,
+/// in either direction) fails both legs.
 pub fn relay(role: Role, local: Stream, peer: Stream, session: Session) -> Result<u64, ProxyError> {
+    peer.set_write_timeout(Some(PEER_WRITE_TIMEOUT))
+        .map_err(ProxyError::io("configuring a socket"))?;
+    let encrypted = matches!(session, Session::Encrypted { .. });
     let (to_peer, from_peer): (Box<dyn Pump>, Box<dyn Pump>) = match session {
         Session::Plain => (Box::new(PlainPump), Box::new(PlainPump)),
-        Session::Encrypted { sealer, opener } => {
-            (Box::new(SealPump(sealer)), Box::new(OpenPump(opener)))
-        }
+        Session::Encrypted { sealer, opener } => (
+            Box::new(SealPump(sealer)),
+            Box::new(OpenPump {
+                opener,
+                // The source QEMU may close before the return path ends;
+                // the peer's END must still be read and checked.
+                local_may_close: role == Role::Source,
+            }),
+        ),
     };
     let (local2, peer2) = (clone(&local)?, clone(&peer)?);
     // (pump, from, to) for each direction.
@@ -43,8 +60,8 @@ pub fn relay(role: Role, local: Stream, peer: Stream, session: Session) -> Resul
         .name("relay-return".into())
         .spawn(move || {
             let r = secondary.pump(&sfrom, &sto);
-            if matches!(&r, Err(e) if e.is_peer_misbehaviour()) {
-                // Tampering on the return path: cut both legs now.
+            if matches!(&r, Err(e) if encrypted || e.is_peer_misbehaviour()) {
+                // The return path failed: cut both legs now.
                 sfrom.abort();
                 sto.abort();
             }
@@ -66,7 +83,8 @@ pub fn relay(role: Role, local: Stream, peer: Stream, session: Session) -> Resul
             }
         }
         Ok(bytes) => match rx.recv_timeout(WIND_DOWN) {
-            Ok(Err(e)) if e.is_peer_misbehaviour() => {
+            Ok(Ok(_)) => Ok(bytes),
+            Ok(Err(e)) if encrypted || e.is_peer_misbehaviour() => {
                 local.abort();
                 peer.abort();
                 Err(e)
@@ -75,12 +93,17 @@ pub fn relay(role: Role, local: Stream, peer: Stream, session: Session) -> Resul
                 tracing::debug!("return path ended after the stream: {e}");
                 Ok(bytes)
             }
-            Ok(Ok(_)) => Ok(bytes),
             Err(_) => {
-                tracing::debug!("return path still open after the stream ended; closing");
                 local.abort();
                 peer.abort();
-                Ok(bytes)
+                if encrypted {
+                    Err(ProxyError::Timeout(
+                        "waiting for the peer to end its stream",
+                    ))
+                } else {
+                    tracing::debug!("return path still open after the stream ended; closed");
+                    Ok(bytes)
+                }
             }
         },
     };
@@ -163,12 +186,17 @@ impl Pump for SealPump {
 
 /// Frames from the peer, checked, to plaintext for QEMU. Nothing reaches
 /// QEMU before its frame has authenticated.
-struct OpenPump(Opener);
+struct OpenPump {
+    opener: Opener,
+    /// Keep checking frames (and discard them) once QEMU has closed.
+    local_may_close: bool,
+}
 
 impl Pump for OpenPump {
     fn pump(&mut self, from: &Stream, mut to: &Stream) -> Result<u64, ProxyError> {
         let mut buf = vec![0u8; HEADER_LEN + CHUNK + TAG_LEN];
         let mut total = 0u64;
+        let mut local_gone = false;
         loop {
             let mut h = [0u8; HEADER_LEN];
             read_exact(from, &mut h, "reading from the peer")?;
@@ -178,11 +206,21 @@ impl Pump for OpenPump {
             }
             let body = &mut buf[..header.len];
             read_exact(from, body, "reading from the peer")?;
-            let plain = self.0.open(&h, body)?;
+            let plain = self.opener.open(&h, body)?;
             match header.ty {
                 FrameType::Data => {
-                    to.write_all(plain)
-                        .map_err(ProxyError::io("writing to QEMU"))?;
+                    if !local_gone {
+                        if let Err(e) = to.write_all(plain) {
+                            if !self.local_may_close {
+                                return Err(ProxyError::Io {
+                                    what: "writing to QEMU",
+                                    source: e,
+                                });
+                            }
+                            tracing::debug!("QEMU closed before the return path ended: {e}");
+                            local_gone = true;
+                        }
+                    }
                     total += plain.len() as u64;
                 }
                 FrameType::End => {

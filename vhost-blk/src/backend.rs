@@ -124,6 +124,9 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::LOG_SHMFD
+            // Memory regions added and removed one at a time (what the
+            // libblkio client requires; QEMU uses it when offered).
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -83,6 +83,8 @@ pub struct Disk {
     pub key: Option<MasterKey>,
     /// GET_ID answer, NUL padded.
     pub serial: [u8; SERIAL_LEN],
+    /// Read-only view of the image for copy-free reads (not with O_DIRECT).
+    pub map: Option<crate::mapping::Mapping>,
 }
 
 impl std::fmt::Debug for Disk {
@@ -149,7 +151,13 @@ impl Disk {
             return Err(OpenError::Empty(shown));
         }
         let file = open(&cfg.image, !cfg.readonly, cfg.direct)?;
+        let map = if cfg.direct {
+            None
+        } else {
+            crate::mapping::Mapping::new(&file, data_offset + sectors * 512)
+        };
         Ok(Disk {
+            map,
             file,
             data_offset,
             sectors,

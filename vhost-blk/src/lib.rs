@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod disk;
 pub mod io;
+pub mod mapping;
 pub mod request;
 pub mod server;
 pub mod status;

@@ -233,32 +233,86 @@ impl Worker {
         let fd = self.disk.file.as_raw_fd();
         let off = self.offset(sector);
         let whole_sectors = slices.iter().all(|s| s.len().is_multiple_of(512));
-        if !self.disk.direct && (self.cipher.is_none() || whole_sectors) {
-            // Straight into guest RAM, then decrypt there in place.
-            let mut iov = iovecs(&slices);
-            transfer_all(fd, &mut iov, off, false)?;
-            if let Some(cipher) = self.cipher.as_mut() {
-                let mut at = sector;
-                for s in &slices {
-                    let p = s.ptr_guard_mut().as_ptr();
-                    // SAFETY: p is valid for s.len() bytes of mapped guest
-                    // RAM while `slices` (and the memory guard) live; source
-                    // and destination are the same address.
-                    unsafe { cipher.crypt_raw(false, at, p, p, s.len())? };
-                    at += (s.len() / 512) as u64;
+        let Worker { cipher, bounce, .. } = self;
+        match (cipher.as_mut(), self.disk.map.as_ref()) {
+            (cipher, Some(map)) if whole_sectors || cipher.is_none() => {
+                // From the page cache (mapped) straight into guest RAM,
+                // decrypting on the way: no intermediate copy.
+                let off = off as usize;
+                let total: usize = slices.iter().map(|s| s.len()).sum();
+                map.populate(off, total)?;
+                let mut pos = 0;
+                match cipher {
+                    Some(cipher) => {
+                        for s in &slices {
+                            let dst = s.ptr_guard_mut().as_ptr();
+                            let first = sector + (pos / 512) as u64;
+                            // SAFETY: the source lies in the mapping (the
+                            // range passed populate's bounds check), dst is
+                            // valid for s.len() bytes of guest RAM while
+                            // `slices` live; they cannot overlap.
+                            unsafe {
+                                cipher.crypt_raw(false, first, map.at(off + pos), dst, s.len())?
+                            };
+                            pos += s.len();
+                        }
+                    }
+                    None => {
+                        for s in &slices {
+                            let dst = s.ptr_guard_mut().as_ptr();
+                            // SAFETY: as above; a plain copy.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(map.at(off + pos), dst, s.len())
+                            };
+                            pos += s.len();
+                        }
+                    }
                 }
             }
-        } else {
-            let len: usize = slices.iter().map(|s| s.len()).sum();
-            let buf = self.bounce.get(len);
-            transfer_buf(fd, buf, off, false)?;
-            if let Some(cipher) = self.cipher.as_mut() {
-                cipher.decrypt(sector, buf)?;
+            (None, _) if !self.disk.direct => {
+                // Straight into guest RAM.
+                let mut iov = iovecs(&slices);
+                transfer_all(fd, &mut iov, off, false)?;
             }
-            let mut pos = 0;
-            for s in &slices {
-                s.copy_from(&buf[pos..pos + s.len()]);
-                pos += s.len();
+            (Some(cipher), _) if !self.disk.direct && whole_sectors => {
+                // Ciphertext into a small, cache-resident buffer, decrypted
+                // from there into guest RAM: each byte crosses main memory
+                // once on the way in and once on the way out.
+                let mut pieces = Pieces::new(&slices);
+                let total = pieces.total();
+                let mut done = 0;
+                while done < total {
+                    let n = (total - done).min(CRYPT_CHUNK);
+                    let buf = bounce.get(n);
+                    transfer_buf(fd, buf, off + done as u64, false)?;
+                    let mut at = 0;
+                    while at < n {
+                        let (dst, len) = pieces.next(n - at);
+                        if len == 0 {
+                            return Err(ExecuteError::GuestMemory);
+                        }
+                        let first = sector + ((done + at) / 512) as u64;
+                        // SAFETY: dst is valid for len bytes of mapped guest
+                        // RAM while `slices` live; the source is inside our
+                        // buffer (at + len <= n); they cannot overlap.
+                        unsafe { cipher.crypt_raw(false, first, buf[at..].as_ptr(), dst, len)? };
+                        at += len;
+                    }
+                    done += n;
+                }
+            }
+            (cipher, _) => {
+                let len: usize = slices.iter().map(|s| s.len()).sum();
+                let buf = bounce.get(len);
+                transfer_buf(fd, buf, off, false)?;
+                if let Some(cipher) = cipher {
+                    cipher.decrypt(sector, buf)?;
+                }
+                let mut pos = 0;
+                for s in &slices {
+                    s.copy_from(&buf[pos..pos + s.len()]);
+                    pos += s.len();
+                }
             }
         }
         for s in &slices {
@@ -271,31 +325,43 @@ impl Worker {
         let slices = guest_slices(mem, segs)?;
         let fd = self.disk.file.as_raw_fd();
         let off = self.offset(sector);
-        if !self.disk.direct && self.cipher.is_none() {
-            let mut iov = iovecs(&slices);
-            transfer_all(fd, &mut iov, off, true)?;
-            return Ok(());
-        }
-        // Never encrypt in guest RAM: the guest must keep its plaintext.
-        let len: usize = slices.iter().map(|s| s.len()).sum();
         let whole_sectors = slices.iter().all(|s| s.len().is_multiple_of(512));
-        let buf = self.bounce.get(len);
-        match self.cipher.as_mut() {
-            Some(cipher) if whole_sectors => {
-                let mut pos = 0;
-                let mut at = sector;
-                for s in &slices {
-                    let src = s.ptr_guard().as_ptr();
-                    let dst = buf[pos..pos + s.len()].as_mut_ptr();
-                    // SAFETY: src is valid for s.len() bytes of mapped guest
-                    // RAM, dst for the same length inside our own buffer; they
-                    // cannot overlap.
-                    unsafe { cipher.crypt_raw(true, at, src, dst, s.len())? };
-                    pos += s.len();
-                    at += (s.len() / 512) as u64;
+        let Worker { cipher, bounce, .. } = self;
+        match cipher.as_mut() {
+            None if !self.disk.direct => {
+                let mut iov = iovecs(&slices);
+                transfer_all(fd, &mut iov, off, true)?;
+            }
+            Some(cipher) if !self.disk.direct && whole_sectors => {
+                // Never encrypt in guest RAM (the guest keeps its plaintext):
+                // encrypt chunk by chunk into a cache-resident buffer and
+                // write that.
+                let mut pieces = Pieces::new(&slices);
+                let total = pieces.total();
+                let mut done = 0;
+                while done < total {
+                    let n = (total - done).min(CRYPT_CHUNK);
+                    let buf = bounce.get(n);
+                    let mut at = 0;
+                    while at < n {
+                        let (src, len) = pieces.next(n - at);
+                        if len == 0 {
+                            return Err(ExecuteError::GuestMemory);
+                        }
+                        let first = sector + ((done + at) / 512) as u64;
+                        // SAFETY: src is valid for len bytes of mapped guest
+                        // RAM while `slices` live; the destination is inside
+                        // our buffer (at + len <= n); they cannot overlap.
+                        unsafe { cipher.crypt_raw(true, first, src, buf[at..].as_mut_ptr(), len)? };
+                        at += len;
+                    }
+                    transfer_buf(fd, buf, off + done as u64, true)?;
+                    done += n;
                 }
             }
             cipher => {
+                let len: usize = slices.iter().map(|s| s.len()).sum();
+                let buf = bounce.get(len);
                 let mut pos = 0;
                 for s in &slices {
                     s.copy_to(&mut buf[pos..pos + s.len()]);
@@ -304,9 +370,9 @@ impl Worker {
                 if let Some(cipher) = cipher {
                     cipher.encrypt(sector, buf)?;
                 }
+                transfer_buf(fd, buf, off, true)?;
             }
         }
-        transfer_buf(fd, buf, off, true)?;
         Ok(())
     }
 
@@ -351,6 +417,49 @@ impl Worker {
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+/// Bytes decrypted or encrypted per step through the bounce buffer: small
+/// enough to stay in the CPU cache between the copy and the cipher.
+const CRYPT_CHUNK: usize = 128 * 1024;
+
+/// Walks a request's guest buffers in order, handing out (pointer, length)
+/// pieces of at most a given size.
+struct Pieces<'a, B: BitmapSlice> {
+    slices: &'a [VolatileSlice<'a, B>],
+    index: usize,
+    offset: usize,
+}
+
+impl<'a, B: BitmapSlice> Pieces<'a, B> {
+    fn new(slices: &'a [VolatileSlice<'a, B>]) -> Self {
+        Pieces {
+            slices,
+            index: 0,
+            offset: 0,
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.slices.iter().map(|s| s.len()).sum()
+    }
+
+    /// The next piece, at most `max` bytes; callers ask for no more than
+    /// `total()` bytes in all.
+    fn next(&mut self, max: usize) -> (*mut u8, usize) {
+        while self.index < self.slices.len() && self.offset == self.slices[self.index].len() {
+            self.index += 1;
+            self.offset = 0;
+        }
+        let Some(s) = self.slices.get(self.index) else {
+            return (std::ptr::null_mut(), 0);
+        };
+        let len = (s.len() - self.offset).min(max);
+        // The offset stays within the slice: it is at most s.len() - len.
+        let p = s.ptr_guard_mut().as_ptr().wrapping_add(self.offset);
+        self.offset += len;
+        (p, len)
     }
 }
 
