@@ -3,4 +3,6 @@
 pub mod frontend;
 pub mod guest;
 pub mod kmip;
+pub mod migration;
+pub mod netrelay;
 pub mod vmcrypt;
