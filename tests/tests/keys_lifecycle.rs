@@ -293,7 +293,7 @@ fn key_server_failures_are_clear_and_change_nothing() -> Result<()> {
     let closed = format!("127.0.0.1:{}", free_port()?);
     h.add_kmip(
         "down",
-        &[closed.clone()],
+        std::slice::from_ref(&closed),
         &pki,
         &pki.client_cert,
         &pki.client_key,
