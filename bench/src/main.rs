@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod disk;
+mod migrate;
 mod proc;
 
 #[derive(Parser, Debug)]
@@ -23,6 +24,9 @@ enum Command {
     /// vhost-user-blk throughput: vmcrypt-blk (encrypted, plain) against
     /// qemu-storage-daemon (raw, LUKS), images on tmpfs, no guest.
     Disk(disk::DiskArgs),
+    /// QEMU live migration of random guest RAM: direct, through
+    /// vmcrypt-migrate (encrypted, plain relay), and QEMU's native TLS.
+    Migrate(migrate::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +34,7 @@ fn main() -> ExitCode {
     proc::install_stop_handlers();
     let result = match cli.command {
         Command::Disk(args) => disk::run(args),
+        Command::Migrate(args) => migrate::run(args),
     };
     match result {
         Ok(code) => code,
