@@ -19,7 +19,7 @@ use crate::wire::frame::{FrameType, Header, HEADER_LEN, TAG_LEN};
 use crate::wire::record::{Opener, Role, Sealer};
 
 /// Bytes read from QEMU per frame.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = 64 * 1024;
 /// How long the return path may take to wind down after the stream ended.
 const WIND_DOWN: Duration = Duration::from_secs(30);
 /// A write to the peer that makes no progress for this long fails: a peer

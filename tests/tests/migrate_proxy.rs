@@ -263,15 +263,14 @@ fn encrypted_multifd_migration() -> Result<()> {
         "expected the main channel and 2 multifd channels\n{}",
         hop.relay.describe()
     );
-    // The pages went over the multifd channels.
-    for c in &conns[1..] {
-        ensure!(
-            c.c2s_len() >= 4 << 20,
-            "multifd channel {} carried little\n{}",
-            c.index(),
-            hop.relay.describe()
-        );
-    }
+    // The pages went over the multifd channels. QEMU opens its channels
+    // concurrently, so which connection is the main one varies: count.
+    let busy = conns.iter().filter(|c| c.c2s_len() >= 4 << 20).count();
+    ensure!(
+        busy >= 2,
+        "expected 2 multifd channels carrying the pages\n{}",
+        hop.relay.describe()
+    );
     Ok(())
 }
 
@@ -456,23 +455,15 @@ fn tamper_flipped_byte_fails_and_source_migrates_again() -> Result<()> {
 
 #[test]
 fn tamper_flipped_byte_in_multifd_channel_fails() -> Result<()> {
-    // Connection 1 is the first multifd channel: the whole migration
-    // (main channel included) must fail.
+    // A flip 2 MB into a connection lands in a multifd channel (the main
+    // channel carries well under 1 MB with multifd; which connection is
+    // which varies, QEMU opens them concurrently): the whole migration,
+    // main channel included, must fail.
     let opts = MigOpts {
         multifd_channels: Some(2),
         return_path: false,
     };
-    tamper_then_migrate_again(
-        "flipmfd",
-        |i| {
-            if i == 1 {
-                Fault::Flip { offset: 500_000 }
-            } else {
-                Fault::Pass
-            }
-        },
-        &opts,
-    )
+    tamper_then_migrate_again("flipmfd", |_| Fault::Flip { offset: 2_000_000 }, &opts)
 }
 
 #[test]
