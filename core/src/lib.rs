@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod convert;
+pub mod domain;
 pub mod hardening;
 pub mod key;
 pub mod kms;
