@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod disk;
+mod machine;
 mod migrate;
 mod proc;
 

@@ -291,7 +291,7 @@ pub fn run(args: DiskArgs) -> anyhow::Result<ExitCode> {
     }
 
     let bins = binaries(&args)?;
-    let qsd_version = command_first_line(&args.qsd, &["--version"])
+    let qsd_version = crate::machine::command_first_line(&args.qsd, &["--version"])
         .with_context(|| format!("cannot run {} --version", args.qsd.display()))?;
 
     let need = 2 * args.size + (16 << 20);
@@ -335,11 +335,11 @@ pub fn run(args: DiskArgs) -> anyhow::Result<ExitCode> {
         tmpfs: scratch.path.display().to_string(),
         pinning,
         priority,
-        cpu_model: cpu_model(),
+        cpu_model: crate::machine::cpu_model(),
         cpus: online_cpus,
-        kernel: read_trim("/proc/sys/kernel/osrelease"),
+        kernel: crate::machine::read_trim("/proc/sys/kernel/osrelease"),
         qsd_version,
-        loadavg_before: read_trim("/proc/loadavg"),
+        loadavg_before: crate::machine::read_trim("/proc/loadavg"),
         loadavg_after: String::new(),
     };
 
@@ -398,7 +398,7 @@ pub fn run(args: DiskArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let setup = Setup {
-        loadavg_after: read_trim("/proc/loadavg"),
+        loadavg_after: crate::machine::read_trim("/proc/loadavg"),
         ..setup
     };
     let rep = report::Report::new(setup, &exporters, &workloads, &results);
@@ -476,54 +476,6 @@ fn binaries(args: &DiskArgs) -> anyhow::Result<Bins> {
         }
     }
     Ok(bins)
-}
-
-fn command_first_line(program: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program).args(args).output()?;
-    if !out.status.success() {
-        bail!("exit status {}", out.status);
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string())
-}
-
-fn read_trim(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-fn cpu_model() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-    };
-    let model = field("model name").unwrap_or_else(|| "unknown".into());
-    let mut extra = Vec::new();
-    if let (Some(fam), Some(m)) = (field("cpu family"), field("model\t")) {
-        extra.push(format!("family {fam} model {m}"));
-    }
-    let flags = field("flags").unwrap_or_default();
-    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
-    let feats: Vec<&str> = ["aes", "vaes", "avx2", "avx512f"]
-        .into_iter()
-        .filter(|f| has(f))
-        .collect();
-    if !feats.is_empty() {
-        extra.push(feats.join(" "));
-    }
-    if extra.is_empty() {
-        model
-    } else {
-        format!("{model} ({})", extra.join(", "))
-    }
 }
 
 /// The key file, a raw image and a LUKS image of the same disk size, both

@@ -244,7 +244,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build of the benchmark; use cargo run --release");
     }
-    let qemu_version = first_line(&args.qemu, &["--version"])
+    let qemu_version = crate::machine::command_first_line(&args.qemu, &["--version"])
         .with_context(|| format!("cannot run {} --version", args.qemu.display()))?;
     let proxy = if modes.iter().any(|m| m.proxied()) {
         Some(proxy_binary(&args)?)
@@ -311,10 +311,10 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             "loopback TCP".into()
         },
         qemu_version,
-        cpu_model: cpu_model(),
+        cpu_model: crate::machine::cpu_model(),
         cpus: cpus.len(),
-        kernel: read_trim("/proc/sys/kernel/osrelease"),
-        loadavg_before: read_trim("/proc/loadavg"),
+        kernel: crate::machine::read_trim("/proc/sys/kernel/osrelease"),
+        loadavg_before: crate::machine::read_trim("/proc/loadavg"),
         loadavg_after: String::new(),
         timing: "MB/s = source ram.transferred / (time from the `migrate` command to the destination's MIGRATION completed event); MB = 10^6 bytes, GB = 10^9 bytes".into(),
     };
@@ -333,7 +333,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let setup = Setup {
-        loadavg_after: read_trim("/proc/loadavg"),
+        loadavg_after: crate::machine::read_trim("/proc/loadavg"),
         ..setup
     };
     drop(scratch);
@@ -668,7 +668,7 @@ fn machine_times() -> (f64, f64, f64) {
 }
 
 fn load1() -> f64 {
-    read_trim("/proc/loadavg")
+    crate::machine::read_trim("/proc/loadavg")
         .split_whitespace()
         .next()
         .and_then(|x| x.parse().ok())
@@ -1062,44 +1062,4 @@ fn proxy_binary(args: &MigrateArgs) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(bin)
-}
-
-fn first_line(program: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program).args(args).output()?;
-    if !out.status.success() {
-        bail!("exit status {}", out.status);
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string())
-}
-
-fn read_trim(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-fn cpu_model() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-    };
-    let model = field("model name").unwrap_or_else(|| "unknown".into());
-    let flags = field("flags").unwrap_or_default();
-    let feats: Vec<&str> = ["aes", "vaes", "vpclmulqdq", "avx2", "avx512f"]
-        .into_iter()
-        .filter(|f| flags.split_whitespace().any(|x| x == *f))
-        .collect();
-    if feats.is_empty() {
-        model
-    } else {
-        format!("{model} ({})", feats.join(" "))
-    }
 }
