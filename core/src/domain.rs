@@ -1,23 +1,34 @@
 //! vmcrypt's part of a libvirt domain's `<metadata>`: the VM's migration
-//! policy and, per encrypted disk, which key opens it.
+//! policy, the disks vmcrypt serves and which key opens each encrypted one,
+//! and (only while a migration is being prepared) the migration's ticket.
 //!
 //! ```xml
 //! <metadata>
 //!   <vmcrypt:vm xmlns:vmcrypt="urn:vmcrypt:domain:1" policy="required">
 //!     <vmcrypt:disk target="vda" image="/var/lib/libvirt/images/a.img"
 //!                   provider="corp-kms" key="4a6f..."/>
+//!     <vmcrypt:disk target="vdb" image="/var/lib/libvirt/images/scratch.img"/>
 //!   </vmcrypt:vm>
 //! </metadata>
 //! ```
 //!
 //! - `policy`: `disabled`, `opportunistic` (the default when absent) or
 //!   `required`.
-//! - one `disk` per encrypted disk: the guest's target device, the image,
-//!   and the key reference (provider name, key id). Key *material* never
-//!   appears here; a key reference is not secret.
+//! - one `disk` per vhost-user disk that vmcrypt serves: the guest's target
+//!   device and the image; an encrypted disk also names its key (provider
+//!   name, key id). Key *material* never appears here; a key reference is
+//!   not secret.
+//! - `migration` (see [`MigrationTicket`]) exists only in the destination
+//!   XML that `vmcrypt migrate` hands to libvirt. It carries the one-time
+//!   migration key; the destination hook removes it before libvirt keeps the
+//!   XML anywhere.
 //!
 //! The element lives in its own namespace, so libvirt keeps it verbatim,
 //! carries it along with migrations, and hands it to hooks.
+
+use std::fmt;
+
+use zeroize::Zeroizing;
 
 use crate::kms::KeyRef;
 use crate::policy::Policy;
@@ -27,15 +38,45 @@ pub const NAMESPACE: &str = "urn:vmcrypt:domain:1";
 /// The prefix we write (readers accept any prefix bound to [`NAMESPACE`]).
 pub const PREFIX: &str = "vmcrypt";
 
-/// One encrypted disk of a VM.
+/// One disk vmcrypt serves for a VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EncryptedDisk {
+pub struct Disk {
     /// Guest target device, e.g. `vda`.
     pub target: String,
     /// Image path on the host.
     pub image: String,
-    /// Which key opens it.
-    pub key: KeyRef,
+    /// Which key opens it; `None` for a plain (unencrypted) disk.
+    pub key: Option<KeyRef>,
+}
+
+/// How a migration prepared by `vmcrypt migrate` travels.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MigrationTicket {
+    /// Migration id, 32 hex characters.
+    pub id: String,
+    /// Where the destination proxy delivers the stream (the destination
+    /// QEMU's loopback listener, `127.0.0.1:PORT`); `None` for a plain
+    /// migration that bypasses the proxies.
+    pub forward: Option<String>,
+    /// Key (64 hex) and nonce (16 hex) of an encrypted migration.
+    pub crypto: Option<(Zeroizing<String>, String)>,
+}
+
+impl MigrationTicket {
+    /// Whether the stream is encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.crypto.is_some()
+    }
+}
+
+impl fmt::Debug for MigrationTicket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MigrationTicket")
+            .field("id", &self.id)
+            .field("forward", &self.forward)
+            .field("encrypted", &self.encrypted())
+            .finish()
+    }
 }
 
 /// vmcrypt's metadata for one domain.
@@ -43,8 +84,10 @@ pub struct EncryptedDisk {
 pub struct VmMetadata {
     /// Migration policy.
     pub policy: Policy,
-    /// Encrypted disks (empty: the VM is not encrypted).
-    pub disks: Vec<EncryptedDisk>,
+    /// Disks vmcrypt serves.
+    pub disks: Vec<Disk>,
+    /// The migration being prepared (destination XML only).
+    pub migration: Option<MigrationTicket>,
 }
 
 /// Why metadata could not be read.
@@ -61,10 +104,44 @@ pub enum MetadataError {
     Invalid(String),
 }
 
+fn is_ours(n: &roxmltree::Node<'_, '_>, name: &str) -> bool {
+    n.is_element() && n.tag_name().name() == name && n.tag_name().namespace() == Some(NAMESPACE)
+}
+
+fn hex_attr(
+    n: &roxmltree::Node<'_, '_>,
+    name: &str,
+    len: usize,
+) -> Result<Option<String>, MetadataError> {
+    match n.attribute(name) {
+        None => Ok(None),
+        Some(v) if v.len() == len && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(Some(v.to_ascii_lowercase()))
+        }
+        Some(_) => Err(MetadataError::Invalid(format!(
+            "<migration> {name:?} must be {len} hex characters"
+        ))),
+    }
+}
+
 impl VmMetadata {
     /// Whether any disk is encrypted.
     pub fn encrypted(&self) -> bool {
-        !self.disks.is_empty()
+        self.disks.iter().any(|d| d.key.is_some())
+    }
+
+    /// The disk with this target.
+    pub fn disk(&self, target: &str) -> Option<&Disk> {
+        self.disks.iter().find(|d| d.target == target)
+    }
+
+    /// Reads vmcrypt's element out of a whole domain XML; a domain without
+    /// one gets the defaults (policy `opportunistic`, no disks).
+    pub fn from_domain_xml(xml: &str) -> Result<VmMetadata, MetadataError> {
+        match VmMetadata::parse(xml) {
+            Err(MetadataError::WrongRoot) => Ok(VmMetadata::default()),
+            other => other,
+        }
     }
 
     /// Parses the `<vmcrypt:vm>` element (as libvirt's metadata API returns
@@ -73,11 +150,7 @@ impl VmMetadata {
         let doc = roxmltree::Document::parse(xml).map_err(|e| MetadataError::Xml(e.to_string()))?;
         let vm = doc
             .descendants()
-            .find(|n| {
-                n.is_element()
-                    && n.tag_name().name() == "vm"
-                    && n.tag_name().namespace() == Some(NAMESPACE)
-            })
+            .find(|n| is_ours(n, "vm"))
             .ok_or(MetadataError::WrongRoot)?;
         let policy = match vm.attribute("policy") {
             None => Policy::default(),
@@ -85,30 +158,62 @@ impl VmMetadata {
                 .parse()
                 .map_err(|e: crate::policy::UnknownPolicy| MetadataError::Invalid(e.to_string()))?,
         };
-        let mut disks = Vec::new();
-        for d in vm
-            .children()
-            .filter(|n| n.is_element() && n.tag_name().namespace() == Some(NAMESPACE))
-        {
-            if d.tag_name().name() != "disk" {
-                continue;
-            }
-            let attr = |name: &str| {
-                d.attribute(name)
-                    .filter(|v| !v.is_empty())
+        let mut meta = VmMetadata {
+            policy,
+            ..Default::default()
+        };
+        for d in vm.children().filter(|n| is_ours(n, "disk")) {
+            let attr = |name: &str| d.attribute(name).filter(|v| !v.is_empty());
+            let need = |name: &str| {
+                attr(name)
                     .map(str::to_string)
                     .ok_or_else(|| MetadataError::Invalid(format!("a <disk> lacks {name:?}")))
             };
-            disks.push(EncryptedDisk {
-                target: attr("target")?,
-                image: attr("image")?,
-                key: KeyRef {
-                    provider: attr("provider")?,
-                    key_id: attr("key")?,
-                },
+            let key = match (attr("provider"), attr("key")) {
+                (Some(p), Some(k)) => Some(KeyRef {
+                    provider: p.to_string(),
+                    key_id: k.to_string(),
+                }),
+                (None, None) => None,
+                _ => {
+                    return Err(MetadataError::Invalid(
+                        "a <disk> names a provider without a key or a key without a provider"
+                            .into(),
+                    ))
+                }
+            };
+            let disk = Disk {
+                target: need("target")?,
+                image: need("image")?,
+                key,
+            };
+            if meta.disk(&disk.target).is_some() {
+                return Err(MetadataError::Invalid(format!(
+                    "two <disk>s for target {:?}",
+                    disk.target
+                )));
+            }
+            meta.disks.push(disk);
+        }
+        if let Some(m) = vm.children().find(|n| is_ours(n, "migration")) {
+            let id = hex_attr(&m, "id", 32)?
+                .ok_or_else(|| MetadataError::Invalid("<migration> lacks \"id\"".into()))?;
+            let crypto = match (hex_attr(&m, "key", 64)?, hex_attr(&m, "nonce", 16)?) {
+                (Some(k), Some(n)) => Some((Zeroizing::new(k), n)),
+                (None, None) => None,
+                _ => {
+                    return Err(MetadataError::Invalid(
+                        "<migration> needs both \"key\" and \"nonce\" or neither".into(),
+                    ))
+                }
+            };
+            meta.migration = Some(MigrationTicket {
+                id,
+                forward: m.attribute("forward").map(str::to_string),
+                crypto,
             });
         }
-        Ok(VmMetadata { policy, disks })
+        Ok(meta)
     }
 
     /// The element, ready for libvirt's `virDomainSetMetadata` (key
@@ -120,18 +225,88 @@ impl VmMetadata {
         );
         for d in &self.disks {
             out.push_str(&format!(
-                "<{PREFIX}:disk target=\"{}\" image=\"{}\" provider=\"{}\" key=\"{}\"/>",
+                "<{PREFIX}:disk target=\"{}\" image=\"{}\"",
                 escape(&d.target),
-                escape(&d.image),
-                escape(&d.key.provider),
-                escape(&d.key.key_id)
+                escape(&d.image)
             ));
+            if let Some(k) = &d.key {
+                out.push_str(&format!(
+                    " provider=\"{}\" key=\"{}\"",
+                    escape(&k.provider),
+                    escape(&k.key_id)
+                ));
+            }
+            out.push_str("/>");
+        }
+        if let Some(m) = &self.migration {
+            out.push_str(&format!("<{PREFIX}:migration id=\"{}\"", escape(&m.id)));
+            if let Some(f) = &m.forward {
+                out.push_str(&format!(" forward=\"{}\"", escape(f)));
+            }
+            if let Some((k, n)) = &m.crypto {
+                // Hex only (checked on parse and by the coordinator): no
+                // escaping, and no copy of the key outside `out`.
+                out.push_str(" key=\"");
+                out.push_str(k);
+                out.push_str(&format!("\" nonce=\"{n}\""));
+            }
+            out.push_str("/>");
         }
         out.push_str(&format!("</{PREFIX}:vm>"));
         out
     }
-}
 
+    /// `domain_xml` with vmcrypt's element replaced by this one (or added,
+    /// creating `<metadata>` if needed). Everything else is kept byte for
+    /// byte.
+    pub fn replace_in(&self, domain_xml: &str) -> Result<String, MetadataError> {
+        let doc = roxmltree::Document::parse(domain_xml)
+            .map_err(|e| MetadataError::Xml(e.to_string()))?;
+        let root = doc.root_element();
+        if root.tag_name().name() != "domain" {
+            return Err(MetadataError::Invalid("not a domain XML".into()));
+        }
+        let ours = self.to_xml();
+        let splice = |at: std::ops::Range<usize>, text: &str| {
+            let mut s = String::with_capacity(domain_xml.len() + text.len());
+            s.push_str(&domain_xml[..at.start]);
+            s.push_str(text);
+            s.push_str(&domain_xml[at.end..]);
+            s
+        };
+        if let Some(vm) = root.descendants().find(|n| is_ours(n, "vm")) {
+            return Ok(splice(vm.range(), &ours));
+        }
+        let metadata = root
+            .children()
+            .find(|n| n.is_element() && n.tag_name().name() == "metadata");
+        match metadata {
+            Some(md) => {
+                let r = md.range();
+                let text = &domain_xml[r.clone()];
+                if text.ends_with("/>") {
+                    Ok(splice(r, &format!("<metadata>{ours}</metadata>")))
+                } else {
+                    // Insert before `</metadata>`.
+                    let close = r.start + text.rfind("</").unwrap_or(text.len());
+                    Ok(splice(close..close, &ours))
+                }
+            }
+            None => {
+                let r = root.range();
+                let text = &domain_xml[r.clone()];
+                let close = r.start
+                    + text
+                        .rfind("</")
+                        .ok_or_else(|| MetadataError::Invalid("an empty <domain/>".into()))?;
+                Ok(splice(
+                    close..close,
+                    &format!("<metadata>{ours}</metadata>"),
+                ))
+            }
+        }
+    }
+}
 fn escape(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {
@@ -154,14 +329,22 @@ mod tests {
     fn sample() -> VmMetadata {
         VmMetadata {
             policy: Policy::Required,
-            disks: vec![EncryptedDisk {
-                target: "vda".into(),
-                image: "/var/lib/libvirt/images/a&b \"x\".img".into(),
-                key: KeyRef {
-                    provider: "corp".into(),
-                    key_id: "42".into(),
+            disks: vec![
+                Disk {
+                    target: "vda".into(),
+                    image: "/var/lib/libvirt/images/a&b \"x\".img".into(),
+                    key: Some(KeyRef {
+                        provider: "corp".into(),
+                        key_id: "42".into(),
+                    }),
                 },
-            }],
+                Disk {
+                    target: "vdb".into(),
+                    image: "/plain.img".into(),
+                    key: None,
+                },
+            ],
+            migration: None,
         }
     }
 
@@ -201,5 +384,73 @@ mod tests {
         let missing = format!("<v:vm xmlns:v='{NAMESPACE}'><v:disk target='vda'/></v:vm>");
         let e = VmMetadata::parse(&missing).unwrap_err().to_string();
         assert!(e.contains("image"), "{e}");
+        let half =
+            format!("<v:vm xmlns:v='{NAMESPACE}'><v:disk target='vda' image='/i' key='k'/></v:vm>");
+        assert!(VmMetadata::parse(&half).is_err());
+        let twice = format!(
+            "<v:vm xmlns:v='{NAMESPACE}'><v:disk target='vda' image='/i'/><v:disk target='vda' image='/j'/></v:vm>"
+        );
+        assert!(VmMetadata::parse(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("two"));
+        let short_key = format!(
+            "<v:vm xmlns:v='{NAMESPACE}'><v:migration id='{}' key='ab' nonce='{}'/></v:vm>",
+            "0".repeat(32),
+            "1".repeat(16)
+        );
+        assert!(VmMetadata::parse(&short_key).is_err());
+    }
+
+    #[test]
+    fn plain_domain_gets_defaults() {
+        let m = VmMetadata::from_domain_xml("<domain><name>x</name></domain>").unwrap();
+        assert_eq!(m, VmMetadata::default());
+        assert!(!m.encrypted());
+    }
+
+    fn ticket() -> MigrationTicket {
+        MigrationTicket {
+            id: "0123456789abcdef0123456789abcdef".into(),
+            forward: Some("127.0.0.1:4711".into()),
+            crypto: Some((Zeroizing::new("ab".repeat(32)), "cd".repeat(8))),
+        }
+    }
+
+    #[test]
+    fn ticket_round_trips_and_debug_hides_the_key() {
+        let mut m = sample();
+        m.migration = Some(ticket());
+        let back = VmMetadata::parse(&m.to_xml()).unwrap();
+        assert_eq!(back, m);
+        assert!(back.migration.as_ref().unwrap().encrypted());
+        assert!(!format!("{back:?}").contains("abab"));
+    }
+
+    #[test]
+    fn replace_in_keeps_the_rest_of_the_domain() {
+        let mut m = sample();
+        m.migration = Some(ticket());
+        let with_ours = format!(
+            "<domain type='qemu'>\n  <name>t</name>\n  <metadata>\n    <other:x xmlns:other='urn:o'/>\n    {}\n  </metadata>\n  <devices/>\n</domain>",
+            m.to_xml()
+        );
+        m.migration = None;
+        let stripped = m.replace_in(&with_ours).unwrap();
+        assert!(!stripped.contains("abab"), "{stripped}");
+        assert!(stripped.contains("<other:x xmlns:other='urn:o'/>"));
+        assert!(stripped.contains("<devices/>"));
+        assert_eq!(VmMetadata::parse(&stripped).unwrap(), m);
+
+        for bare in [
+            "<domain><name>t</name></domain>",
+            "<domain><name>t</name><metadata/></domain>",
+            "<domain><name>t</name><metadata><a xmlns='urn:a'/></metadata></domain>",
+        ] {
+            let out = m.replace_in(bare).unwrap();
+            assert_eq!(VmMetadata::parse(&out).unwrap(), m, "{out}");
+            assert!(out.contains("<name>t</name>"));
+        }
+        assert!(m.replace_in("<network/>").is_err());
     }
 }

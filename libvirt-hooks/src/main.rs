@@ -26,9 +26,11 @@ enum Command {
     /// Manage key providers (KMIP clusters, the local keystore).
     #[command(subcommand)]
     Kms(commands::kms::KmsCommand),
-    /// Encrypt a raw image with a new key from a provider.
+    /// Encrypt a raw image, or a stopped domain's vmcrypt disks, with new
+    /// keys from a provider (a domain's policy becomes required).
     Encrypt {
-        /// The image (converted in place, via a full copy beside it).
+        /// An image file (converted in place, via a full copy beside it), or
+        /// a libvirt domain name.
         image: PathBuf,
         /// Key provider (default: the configured default, else "local").
         #[arg(long)]
@@ -37,9 +39,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Decrypt an image back to raw (its key comes from its provider).
+    /// Decrypt an image, or a stopped domain's disks, back to raw (keys come
+    /// from their providers; a domain's policy stays as it is).
     Decrypt {
-        /// The image.
+        /// An image file or a libvirt domain name.
         image: PathBuf,
         /// Print the result as JSON.
         #[arg(long)]
@@ -62,14 +65,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show which images are encrypted and with which key.
+    /// Show which images and domains are encrypted, with which key and
+    /// migration policy.
     Status {
-        /// Images (default: those this host encrypted).
+        /// Images or domain names (default: the images this host encrypted
+        /// and every libvirt domain).
         images: Vec<PathBuf>,
         /// Print as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Show or set a domain's migration policy: disabled, opportunistic or
+    /// required (an encrypted domain's stays required).
+    Policy {
+        /// The libvirt domain.
+        domain: String,
+        /// The new policy.
+        mode: Option<vmcrypt_core::policy::Policy>,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live-migrate a running domain to another host, encrypted when its
+    /// policy and both hosts allow (the migration coordinator).
+    Migrate(commands::migrate::MigrateArgs),
     /// Serve an encrypted image with vmcrypt-blk, its key fetched from its
     /// provider and handed over in memory. vmcrypt-blk options follow `--`.
     Serve {
@@ -79,6 +98,31 @@ enum Command {
         #[arg(last = true)]
         blk_args: Vec<String>,
     },
+}
+
+/// An argument that names no file is taken as a libvirt domain name.
+fn domain_name(arg: &std::path::Path) -> Option<&str> {
+    if arg.exists() || arg.components().count() != 1 {
+        return None;
+    }
+    arg.to_str()
+}
+
+fn status(args: &[PathBuf], json: bool) -> anyhow::Result<()> {
+    if args.is_empty() {
+        commands::lifecycle::status(&[], json)?;
+        if !commands::domain::status_all(json)? && !json {
+            println!("(libvirt is not reachable: no domains listed)");
+        }
+        return Ok(());
+    }
+    for a in args {
+        match domain_name(a) {
+            Some(d) => commands::domain::status_one(d, json)?,
+            None => commands::lifecycle::status(std::slice::from_ref(a), json)?,
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -96,8 +140,15 @@ fn main() -> ExitCode {
             image,
             provider,
             json,
-        } => commands::lifecycle::encrypt(&image, provider.as_deref(), json),
-        Command::Decrypt { image, json } => commands::lifecycle::decrypt(&image, json),
+        } => match domain_name(&image) {
+            Some(d) => commands::domain::encrypt(d, provider.as_deref(), json),
+            None => commands::lifecycle::encrypt(&image, provider.as_deref(), json),
+        },
+        Command::Decrypt { image, json } => match domain_name(&image) {
+            Some(d) => commands::domain::decrypt(d, json),
+            None => commands::lifecycle::decrypt(&image, json),
+        },
+        Command::Policy { domain, mode, json } => commands::domain::policy(&domain, mode, json),
         Command::Rekey {
             image,
             shallow: _,
@@ -105,7 +156,8 @@ fn main() -> ExitCode {
             provider,
             json,
         } => commands::lifecycle::rekey(&image, deep, provider.as_deref(), json),
-        Command::Status { images, json } => commands::lifecycle::status(&images, json),
+        Command::Status { images, json } => status(&images, json),
+        Command::Migrate(args) => commands::migrate::run(&args),
         Command::Serve { image, blk_args } => commands::lifecycle::serve(&image, &blk_args),
     };
     match result {

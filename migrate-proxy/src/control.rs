@@ -50,6 +50,15 @@ pub struct Request {
     pub nonce: Option<String>,
 }
 
+impl Request {
+    /// A request for `op` with no fields set.
+    pub fn new(op: &str) -> Request {
+        let mut r = Request::default();
+        r.op = op.to_string();
+        r
+    }
+}
+
 impl Drop for Request {
     fn drop(&mut self) {
         if let Some(k) = self.key.as_mut() {

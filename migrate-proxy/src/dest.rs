@@ -108,6 +108,12 @@ fn answer(peer: Stream, registry: &Registry) {
     };
     let (armed, index, session) = match result {
         Ok(v) => v,
+        Err(ProxyError::Truncated) if named.is_none() => {
+            // `vmcrypt migrate` checks that this port answers before it arms
+            // an encrypted migration: a connection closed before its hello.
+            tracing::debug!("a connection closed before its hello (a reachability probe)");
+            return;
+        }
         Err(e) => {
             tracing::warn!("connection refused: {e}");
             if let Some(mig) = named {

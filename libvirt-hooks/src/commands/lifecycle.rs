@@ -65,6 +65,21 @@ fn report(json: bool, d: &Done<'_>) -> anyhow::Result<()> {
 
 /// `vmcrypt encrypt IMAGE`.
 pub fn encrypt(image: &Path, provider: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let key_ref = encrypt_image(image, provider, json)?;
+    report(
+        json,
+        &Done {
+            image,
+            action: "encrypted",
+            provider: Some(&key_ref.provider),
+            key_id: Some(&key_ref.key_id),
+        },
+    )
+}
+
+/// Encrypts `image` with a new key from `provider`; returns the key's
+/// reference.
+pub fn encrypt_image(image: &Path, provider: Option<&str>, quiet: bool) -> anyhow::Result<KeyRef> {
     let providers = Providers::load()?;
     let (pname, provider) = provider_for(&providers, provider)?;
     let st =
@@ -78,7 +93,7 @@ pub fn encrypt(image: &Path, provider: Option<&str>, json: bool) -> anyhow::Resu
         key_id: key_id.clone(),
     };
     let kek = provider.get_key(&key_id)?;
-    let bar = output::progress("encrypting", json);
+    let bar = output::progress("encrypting", quiet);
     let result = convert::encrypt(image, &kek.passphrase(), &key_ref, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
@@ -91,31 +106,12 @@ pub fn encrypt(image: &Path, provider: Option<&str>, json: bool) -> anyhow::Resu
         return Err(e).with_context(|| format!("cannot encrypt {}", image.display()));
     }
     Inventory::record(image, Some(&key_ref))?;
-    report(
-        json,
-        &Done {
-            image,
-            action: "encrypted",
-            provider: Some(&pname),
-            key_id: Some(&key_id),
-        },
-    )
+    Ok(key_ref)
 }
 
 /// `vmcrypt decrypt IMAGE`.
 pub fn decrypt(image: &Path, json: bool) -> anyhow::Result<()> {
-    let key_ref = key_ref_of(image)?;
-    let providers = Providers::load()?;
-    let provider = providers.open(&key_ref.provider)?;
-    let kek = provider.get_key(&key_ref.key_id)?;
-    let bar = output::progress("decrypting", json);
-    let result = convert::decrypt(image, &kek.passphrase(), &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    });
-    bar.finish_and_clear();
-    result.with_context(|| format!("cannot decrypt {}", image.display()))?;
-    Inventory::record(image, None)?;
+    let key_ref = decrypt_image(image, json)?;
     report(
         json,
         &Done {
@@ -131,6 +127,23 @@ pub fn decrypt(image: &Path, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Decrypts `image` back to raw; returns the key it no longer uses.
+pub fn decrypt_image(image: &Path, quiet: bool) -> anyhow::Result<KeyRef> {
+    let key_ref = key_ref_of(image)?;
+    let providers = Providers::load()?;
+    let provider = providers.open(&key_ref.provider)?;
+    let kek = provider.get_key(&key_ref.key_id)?;
+    let bar = output::progress("decrypting", quiet);
+    let result = convert::decrypt(image, &kek.passphrase(), &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    result.with_context(|| format!("cannot decrypt {}", image.display()))?;
+    Inventory::record(image, None)?;
+    Ok(key_ref)
 }
 
 /// `vmcrypt rekey IMAGE --shallow|--deep`.
@@ -258,50 +271,15 @@ pub fn serve(image: &Path, blk_args: &[String]) -> anyhow::Result<()> {
     let kek = providers
         .open(&key_ref.provider)?
         .get_key(&key_ref.key_id)?;
-    let pass = kek.passphrase();
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two fds into the array we own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        bail!("cannot create a pipe: {}", std::io::Error::last_os_error());
-    }
-    let (rd, wr) = (fds[0], fds[1]);
-    // The passphrase (64 bytes) fits in the pipe buffer: write, then close.
-    // SAFETY: wr is our pipe's write end; the buffer is live for the call.
-    let n = unsafe { libc::write(wr, pass.as_bytes().as_ptr().cast(), pass.as_bytes().len()) };
-    // SAFETY: closing the write end we own.
-    unsafe { libc::close(wr) };
-    if n != pass.as_bytes().len() as isize {
-        bail!("cannot hand the key to vmcrypt-blk");
-    }
-    drop(pass);
+    let pipe = vmcrypt_cli::backends::KeyPipe::new(&kek.passphrase())?;
     drop(kek);
-    let blk = std::env::current_exe()
-        .ok()
-        .map(|p| p.with_file_name("vmcrypt-blk"))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("vmcrypt-blk"));
+    let blk = vmcrypt_cli::backends::blk_binary();
     let mut cmd = std::process::Command::new(&blk);
     cmd.arg("--image")
         .arg(image)
         .args(["--key-file", "/dev/fd/3"])
         .args(blk_args);
-    // SAFETY: between fork and exec we only call dup2 or fcntl, which are
-    // async-signal-safe; fd 3 then refers to the pipe's read end without
-    // close-on-exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 onto itself would keep close-on-exec: clear it instead.
-            let ok = if rd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0) >= 0
-            } else {
-                libc::dup2(rd, 3) >= 0
-            };
-            if !ok {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    pipe.attach(&mut cmd);
     let err = cmd.exec();
     Err(err).with_context(|| format!("cannot run {}", blk.display()))
 }

@@ -1,5 +1,7 @@
 //! One module per subcommand.
 
+pub mod domain;
 pub mod image;
 pub mod kms;
 pub mod lifecycle;
+pub mod migrate;

@@ -1,0 +1,277 @@
+//! `vmcrypt policy|encrypt|decrypt|status` on libvirt domains: the VM-level
+//! view (DESIGN.md "What users get", points 1 and 3).
+//!
+//! A domain's vmcrypt disks are listed in its `<vmcrypt:vm>` metadata
+//! (`vmcrypt_core::domain`). Encrypting a domain encrypts each of them and
+//! raises the policy to `required`; decrypting leaves the policy at
+//! `required` until an administrator lowers it; the policy of an encrypted
+//! domain cannot be lowered.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+use vmcrypt_core::domain::{VmMetadata, NAMESPACE, PREFIX};
+use vmcrypt_core::policy::Policy;
+
+use super::lifecycle;
+use crate::output;
+
+/// The local libvirt: `LIBVIRT_DEFAULT_URI`, else `qemu:///system`.
+pub fn connect() -> anyhow::Result<Connect> {
+    virt::error::clear_error_callback();
+    let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| "qemu:///system".into());
+    Connect::open(Some(&uri))
+        .map_err(|e| anyhow::anyhow!("cannot connect to libvirt at {uri}: {}", e.message()))
+}
+
+/// A domain by name, if libvirt knows it.
+pub fn lookup(conn: &Connect, name: &str) -> Option<Domain> {
+    conn.lookup_domain_by_name(name).ok()
+}
+
+/// The domain's vmcrypt metadata: of the running VM when active, else of
+/// its persistent definition.
+fn metadata(dom: &Domain, name: &str) -> anyhow::Result<VmMetadata> {
+    let flags = if dom.is_active().unwrap_or(false) {
+        0
+    } else {
+        sys::VIR_DOMAIN_XML_INACTIVE
+    };
+    let xml = dom
+        .xml_desc(flags)
+        .map_err(|e| anyhow::anyhow!("cannot read {name}'s XML: {}", e.message()))?;
+    VmMetadata::from_domain_xml(&xml).with_context(|| name.to_string())
+}
+
+/// Stores `meta` in the domain's definition, and in the running VM too.
+fn store(dom: &Domain, name: &str, meta: &VmMetadata) -> anyhow::Result<()> {
+    let mut flags = 0;
+    if dom.is_persistent().unwrap_or(false) {
+        flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
+    }
+    if dom.is_active().unwrap_or(false) {
+        flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+    }
+    dom.set_metadata(
+        sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+        Some(&meta.to_xml()),
+        Some(PREFIX),
+        Some(NAMESPACE),
+        flags,
+    )
+    .map_err(|e| anyhow::anyhow!("cannot update {name}'s metadata: {}", e.message()))
+}
+
+fn require_stopped(dom: &Domain, name: &str, what: &str) -> anyhow::Result<()> {
+    if dom.is_active().unwrap_or(false) {
+        bail!("{name} is running: shut it down first, then {what} it");
+    }
+    Ok(())
+}
+
+fn rank(p: Policy) -> u8 {
+    match p {
+        Policy::Disabled => 0,
+        Policy::Opportunistic => 1,
+        Policy::Required => 2,
+    }
+}
+
+#[derive(Serialize)]
+struct DomainState<'a> {
+    domain: &'a str,
+    running: bool,
+    policy: String,
+    encrypted: bool,
+    disks: Vec<DiskState>,
+}
+
+#[derive(Serialize)]
+struct DiskState {
+    target: String,
+    image: String,
+    key: Option<String>,
+}
+
+fn state_of<'a>(name: &'a str, running: bool, meta: &VmMetadata) -> DomainState<'a> {
+    DomainState {
+        domain: name,
+        running,
+        policy: meta.policy.to_string(),
+        encrypted: meta.encrypted(),
+        disks: meta
+            .disks
+            .iter()
+            .map(|d| DiskState {
+                target: d.target.clone(),
+                image: d.image.clone(),
+                key: d.key.as_ref().map(|k| k.to_string()),
+            })
+            .collect(),
+    }
+}
+
+fn print_state(s: &DomainState<'_>, json: bool) -> anyhow::Result<()> {
+    if json {
+        return output::json("domain", s);
+    }
+    let disks: Vec<String> = s
+        .disks
+        .iter()
+        .map(|d| match &d.key {
+            Some(k) => format!("{} encrypted ({k})", d.target),
+            None => format!("{} plain", d.target),
+        })
+        .collect();
+    println!(
+        "{}: {}, policy {}, {}{}",
+        s.domain,
+        if s.running { "running" } else { "shut off" },
+        s.policy,
+        if s.encrypted {
+            "encrypted"
+        } else {
+            "not encrypted"
+        },
+        if disks.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", disks.join(", "))
+        }
+    );
+    Ok(())
+}
+
+/// `vmcrypt policy DOMAIN [MODE]`.
+pub fn policy(name: &str, mode: Option<Policy>, json: bool) -> anyhow::Result<()> {
+    let conn = connect()?;
+    let dom = lookup(&conn, name).with_context(|| format!("no domain named {name:?}"))?;
+    let mut meta = metadata(&dom, name)?;
+    if let Some(mode) = mode {
+        if meta.encrypted() && rank(mode) < rank(Policy::Required) {
+            bail!(
+                "{name} is encrypted: its policy stays required while any disk is encrypted \
+                 (`vmcrypt decrypt {name}` first)"
+            );
+        }
+        meta.policy = mode;
+        store(&dom, name, &meta)?;
+    }
+    let running = dom.is_active().unwrap_or(false);
+    print_state(&state_of(name, running, &meta), json)
+}
+
+/// `vmcrypt encrypt DOMAIN`: encrypts each plain vmcrypt disk with a new
+/// key and sets the policy to `required`.
+pub fn encrypt(name: &str, provider: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let conn = connect()?;
+    let dom = lookup(&conn, name).with_context(|| format!("no domain named {name:?}"))?;
+    require_stopped(&dom, name, "encrypt")?;
+    let mut meta = metadata(&dom, name)?;
+    if meta.disks.is_empty() {
+        bail!(
+            "{name} has no vmcrypt disks: list its vhost-user disks in its <vmcrypt:vm> metadata \
+             (README, \"Encrypted VMs with libvirt\")"
+        );
+    }
+    if !meta.encrypted() || meta.policy != Policy::Required {
+        // Raised first: from here on the VM never migrates plain, even if a
+        // disk conversion below fails half-way.
+        meta.policy = Policy::Required;
+        store(&dom, name, &meta)?;
+    }
+    let mut converted = 0;
+    for i in 0..meta.disks.len() {
+        if meta.disks[i].key.is_some() {
+            continue;
+        }
+        let image = meta.disks[i].image.clone();
+        let key = lifecycle::encrypt_image(Path::new(&image), provider, json)
+            .with_context(|| format!("{name}: disk {}", meta.disks[i].target))?;
+        if !json {
+            println!(
+                "encrypted {name} disk {} ({image}): key {key}",
+                meta.disks[i].target
+            );
+        }
+        meta.disks[i].key = Some(key);
+        store(&dom, name, &meta)?;
+        converted += 1;
+    }
+    if converted == 0 && !json {
+        println!("{name} is already encrypted");
+    }
+    print_state(&state_of(name, false, &meta), json)
+}
+
+/// `vmcrypt decrypt DOMAIN`: decrypts each encrypted disk; the policy stays
+/// as it is (`required`) until changed with `vmcrypt policy`.
+pub fn decrypt(name: &str, json: bool) -> anyhow::Result<()> {
+    let conn = connect()?;
+    let dom = lookup(&conn, name).with_context(|| format!("no domain named {name:?}"))?;
+    require_stopped(&dom, name, "decrypt")?;
+    let mut meta = metadata(&dom, name)?;
+    if !meta.encrypted() {
+        bail!("{name} is not encrypted");
+    }
+    for i in 0..meta.disks.len() {
+        if meta.disks[i].key.is_none() {
+            continue;
+        }
+        let image = meta.disks[i].image.clone();
+        let old = lifecycle::decrypt_image(Path::new(&image), json)
+            .with_context(|| format!("{name}: disk {}", meta.disks[i].target))?;
+        meta.disks[i].key = None;
+        store(&dom, name, &meta)?;
+        if !json {
+            println!(
+                "decrypted {name} disk {} ({image}); key {old} is no longer used by it",
+                meta.disks[i].target
+            );
+        }
+    }
+    if !json {
+        println!(
+            "{name}'s migration policy stays {} until you change it (`vmcrypt policy {name} opportunistic`)",
+            meta.policy
+        );
+    }
+    print_state(&state_of(name, false, &meta), json)
+}
+
+/// `vmcrypt status` without arguments: every domain libvirt knows. Returns
+/// `false` when libvirt is not reachable (the caller says so once).
+pub fn status_all(json: bool) -> anyhow::Result<bool> {
+    let Ok(conn) = connect() else {
+        return Ok(false);
+    };
+    let mut doms = conn
+        .list_all_domains(0)
+        .map_err(|e| anyhow::anyhow!("cannot list domains: {}", e.message()))?;
+    doms.sort_by_key(|d| d.name().unwrap_or_default());
+    for dom in doms {
+        let name = dom.name().unwrap_or_default();
+        match metadata(&dom, &name) {
+            Ok(meta) => {
+                let running = dom.is_active().unwrap_or(false);
+                print_state(&state_of(&name, running, &meta), json)?;
+            }
+            Err(e) => eprintln!("vmcrypt: {e:#}"),
+        }
+    }
+    Ok(true)
+}
+
+/// `vmcrypt status DOMAIN`.
+pub fn status_one(name: &str, json: bool) -> anyhow::Result<()> {
+    let conn = connect()?;
+    let dom =
+        lookup(&conn, name).with_context(|| format!("no image file or domain named {name:?}"))?;
+    let meta = metadata(&dom, name)?;
+    let running = dom.is_active().unwrap_or(false);
+    print_state(&state_of(name, running, &meta), json)
+}

@@ -1,0 +1,8 @@
+//! Shared by `vmcrypt` (admin CLI and migration coordinator) and
+//! `vmcrypt-hook` (the libvirt qemu hook).
+#![deny(missing_docs)]
+
+pub mod backends;
+pub mod domxml;
+pub mod hook;
+pub mod paths;

@@ -1,0 +1,35 @@
+//! Where vmcrypt keeps per-host runtime state and logs. Each can be moved
+//! with an environment variable (tests; hosts with other layouts).
+
+use std::path::PathBuf;
+
+fn env_or(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
+/// Runtime state: `/run/vmcrypt` (`VMCRYPT_RUN_DIR`).
+pub fn run_dir() -> PathBuf {
+    env_or("VMCRYPT_RUN_DIR", "/run/vmcrypt")
+}
+
+/// Per-domain runtime state: pid files of its disk backends, the id of an
+/// incoming migration.
+pub fn domain_dir(name: &str) -> PathBuf {
+    run_dir().join("domains").join(name)
+}
+
+/// Logs: `/var/log/vmcrypt` (`VMCRYPT_LOG_DIR`).
+pub fn log_dir() -> PathBuf {
+    env_or("VMCRYPT_LOG_DIR", "/var/log/vmcrypt")
+}
+
+/// The migration daemon's control socket (`VMCRYPT_MIGRATE_CONTROL`).
+pub fn migrate_control() -> PathBuf {
+    env_or("VMCRYPT_MIGRATE_CONTROL", "/run/vmcrypt/migrate.sock")
+}
+
+/// The migration daemon's network port on every host.
+pub const MIGRATE_PORT: u16 = 49200;
