@@ -1,0 +1,366 @@
+//! `vmcrypt-hook` driven the way libvirtd drives it (arguments plus the
+//! domain XML on stdin), against real vmcrypt-blk and vmcrypt-migrate
+//! processes and the embedded keystore. The two-host tests (`libvirt_hosts`)
+//! run the same hook inside real libvirt daemons; these cover each event's
+//! refusals quickly and precisely.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use vmcrypt_tests::guest::{wait_for_path, ChildGuard, TempDir};
+use vmcrypt_tests::migration::random_hex;
+use vmcrypt_tests::vmcrypt::bin;
+
+/// One host's worth of vmcrypt folders.
+struct Host {
+    dir: TempDir,
+}
+
+impl Host {
+    fn new(tag: &str) -> Result<Host> {
+        Ok(Host {
+            dir: TempDir::new(tag)?,
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn env(&self, c: &mut Command) {
+        c.env("VMCRYPT_CONFIG_DIR", self.path("etc"))
+            .env("VMCRYPT_STATE_DIR", self.path("state"))
+            .env("VMCRYPT_RUN_DIR", self.path("run"))
+            .env("VMCRYPT_LOG_DIR", self.path("log"))
+            .env("VMCRYPT_MIGRATE_CONTROL", self.path("run/migrate.sock"))
+            .env_remove("VMCRYPT_LOG");
+    }
+
+    fn vmcrypt(&self, args: &[&str]) -> Result<String> {
+        let mut c = Command::new(bin("vmcrypt")?);
+        self.env(&mut c);
+        let out = c.args(args).stdin(Stdio::null()).output()?;
+        ensure!(
+            out.status.success(),
+            "vmcrypt {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn hook(&self, guest: &str, op: &str, subop: &str, xml: &str) -> Result<Output> {
+        let mut c = Command::new(bin("vmcrypt-hook")?);
+        self.env(&mut c);
+        let mut child = c
+            .args([guest, op, subop, "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("no stdin")?
+            .write_all(xml.as_bytes())?;
+        Ok(child.wait_with_output()?)
+    }
+
+    /// A hook event that must fail with one line containing `want`.
+    fn refused(&self, guest: &str, op: &str, subop: &str, xml: &str, want: &str) -> Result<()> {
+        let out = self.hook(guest, op, subop, xml)?;
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        ensure!(
+            !out.status.success(),
+            "{op} {subop} succeeded; wanted {want:?}"
+        );
+        ensure!(out.stdout.is_empty(), "a refusal printed XML");
+        let lines: Vec<&str> = err.lines().collect();
+        ensure!(
+            lines.len() == 1 && lines[0].starts_with("vmcrypt-hook: ") && err.contains(want),
+            "expected one line with {want:?}, got {err:?}"
+        );
+        Ok(())
+    }
+
+    fn hook_log(&self) -> String {
+        std::fs::read_to_string(self.path("log/hook.log")).unwrap_or_default()
+    }
+
+    /// A raw image encrypted with the embedded provider; its key id.
+    fn encrypted_image(&self, name: &str) -> Result<(PathBuf, String)> {
+        let img = self.path(name);
+        std::fs::File::create(&img)?.set_len(16 << 20)?;
+        self.vmcrypt(&["encrypt", &img.display().to_string()])?;
+        let out = self.vmcrypt(&["status", "--json", &img.display().to_string()])?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        let key = v["data"]["key_id"]
+            .as_str()
+            .context("no key id")?
+            .to_string();
+        Ok((img, key))
+    }
+
+    fn daemon(&self) -> Result<ChildGuard> {
+        let mut c = Command::new(bin("vmcrypt-migrate")?);
+        self.env(&mut c);
+        let ctl = self.path("run/migrate.sock");
+        std::fs::create_dir_all(self.path("run"))?;
+        c.args(["daemon", "--listen", "127.0.0.1:0", "--control"])
+            .arg(&ctl)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let g = ChildGuard::spawn("vmcrypt-migrate daemon", c)?;
+        wait_for_path(&ctl, Duration::from_secs(10))?;
+        Ok(g)
+    }
+
+    fn control(&self, line: &str) -> Result<serde_json::Value> {
+        use std::io::{BufRead, BufReader};
+        let s = std::os::unix::net::UnixStream::connect(self.path("run/migrate.sock"))?;
+        (&s).write_all(format!("{line}\n").as_bytes())?;
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply)?;
+        Ok(serde_json::from_str(&reply)?)
+    }
+}
+
+const NS: &str = "urn:vmcrypt:domain:1";
+
+fn domain(name: &str, socket: &Path, vmcrypt: &str) -> String {
+    format!(
+        "<domain type='qemu'>\n  <name>{name}</name>\n  <vcpu placement='static'>1</vcpu>\n  <metadata>\n    {vmcrypt}\n  </metadata>\n  <devices>\n    <disk type='vhostuser' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source type='unix' path='{}'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n  </devices>\n</domain>\n",
+        socket.display()
+    )
+}
+
+fn vm(policy: &str, disk: &str, extra: &str) -> String {
+    format!("<vmcrypt:vm xmlns:vmcrypt=\"{NS}\" policy=\"{policy}\">{disk}{extra}</vmcrypt:vm>")
+}
+
+fn enc_disk(image: &Path, key: &str) -> String {
+    format!(
+        "<vmcrypt:disk target=\"vda\" image=\"{}\" provider=\"local\" key=\"{key}\"/>",
+        image.display()
+    )
+}
+
+#[test]
+fn plain_virsh_migrate_is_policed() -> Result<()> {
+    let h = Host::new("hook-plain")?;
+    let (img, key) = h.encrypted_image("enc.img")?;
+    let sock = h.path("vda.sock");
+    let encrypted = domain("encvm", &sock, &vm("required", &enc_disk(&img, &key), ""));
+    h.refused(
+        "encvm",
+        "migrate",
+        "begin",
+        &encrypted,
+        "vmcrypt migrate encvm",
+    )?;
+    let required = domain("reqvm", &sock, &vm("required", "", ""));
+    h.refused(
+        "reqvm",
+        "migrate",
+        "begin",
+        &required,
+        "vmcrypt migrate reqvm",
+    )?;
+
+    for (name, xml) in [
+        (
+            "oppvm",
+            domain("oppvm", &sock, &vm("opportunistic", "", "")),
+        ),
+        ("nometa", domain("nometa", &sock, "")),
+    ] {
+        let out = h.hook(name, "migrate", "begin", &xml)?;
+        ensure!(out.status.success(), "{name}: {:?}", out);
+        ensure!(out.stdout.is_empty(), "{name}: the hook rewrote the XML");
+    }
+    let log = h.hook_log();
+    ensure!(
+        log.contains("plain migration without vmcrypt migrate") && log.contains("oppvm"),
+        "the plain migration is not logged: {log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_ticket_arms_the_proxy_and_is_stripped() -> Result<()> {
+    let h = Host::new("hook-ticket")?;
+    let (img, key) = h.encrypted_image("enc.img")?;
+    let sock = h.path("vda.sock");
+    let (id, mkey, nonce) = (random_hex(16)?, random_hex(32)?, random_hex(8)?);
+    let ticket = format!(
+        "<vmcrypt:migration id=\"{id}\" forward=\"127.0.0.1:4711\" key=\"{mkey}\" nonce=\"{nonce}\"/>"
+    );
+    let xml = domain(
+        "encvm",
+        &sock,
+        &vm("required", &enc_disk(&img, &key), &ticket),
+    );
+
+    // No daemon on this host: refused, and the key is not echoed.
+    h.refused("encvm", "migrate", "begin", &xml, "vmcrypt-migrate daemon")?;
+
+    let _daemon = h.daemon()?;
+    let out = h.hook("encvm", "migrate", "begin", &xml)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout)?;
+    ensure!(!printed.contains(&mkey), "the hook kept the key in the XML");
+    ensure!(
+        !printed.contains("migration"),
+        "the ticket was kept: {printed}"
+    );
+    ensure!(
+        printed.contains(&format!("key=\"{key}\"")) && printed.contains("<target dev='vda'"),
+        "the rest of the domain was not kept: {printed}"
+    );
+    let st = h.control(&format!("{{\"op\":\"status\",\"id\":\"{id}\"}}"))?;
+    ensure!(st["state"] == "armed", "the proxy is not armed: {st}");
+    ensure!(
+        !h.hook_log().contains(&mkey),
+        "the key reached the hook log"
+    );
+
+    // A domain that stops before the migration came drops the armed key.
+    let out = h.hook("encvm", "release", "end", &printed)?;
+    ensure!(out.status.success());
+    let st = h.control(&format!("{{\"op\":\"status\",\"id\":\"{id}\"}}"))?;
+    ensure!(st["ok"] == false, "still armed after release: {st}");
+
+    // A plain ticket for an encrypted VM (a forged or buggy coordinator).
+    let plain = format!("<vmcrypt:migration id=\"{}\"/>", random_hex(16)?);
+    let xml = domain(
+        "encvm",
+        &sock,
+        &vm("required", &enc_disk(&img, &key), &plain),
+    );
+    h.refused("encvm", "migrate", "begin", &xml, "cannot migrate plain")?;
+
+    // This host cannot get the VM's key: refused before anything is armed.
+    let id2 = random_hex(16)?;
+    let ticket = format!(
+        "<vmcrypt:migration id=\"{id2}\" forward=\"127.0.0.1:4711\" key=\"{mkey}\" nonce=\"{nonce}\"/>"
+    );
+    let foreign = "<vmcrypt:disk target=\"vda\" image=\"/x.img\" provider=\"corp-kms\" key=\"7\"/>";
+    let xml = domain("encvm", &sock, &vm("required", foreign, &ticket));
+    h.refused("encvm", "migrate", "begin", &xml, "cannot get it")?;
+    let st = h.control(&format!("{{\"op\":\"status\",\"id\":\"{id2}\"}}"))?;
+    ensure!(st["ok"] == false, "armed although refused: {st}");
+    Ok(())
+}
+
+fn blk_pids() -> Result<Vec<(u32, Vec<u8>)>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            if cmd
+                .split(|b| *b == 0)
+                .next()
+                .is_some_and(|a| a.ends_with(b"vmcrypt-blk"))
+            {
+                v.push((pid, cmd));
+            }
+        }
+    }
+    Ok(v)
+}
+
+fn blk_serving(sock: &Path) -> Result<Option<u32>> {
+    let want = sock.display().to_string();
+    Ok(blk_pids()?
+        .into_iter()
+        .find(|(_, c)| String::from_utf8_lossy(c).contains(&want))
+        .map(|(p, _)| p))
+}
+
+#[test]
+fn prepare_starts_backends_and_stopped_stops_them() -> Result<()> {
+    let h = Host::new("hook-start")?;
+    let (img, key) = h.encrypted_image("enc.img")?;
+    let plain = h.path("plain.img");
+    std::fs::File::create(&plain)?.set_len(8 << 20)?;
+    let (sa, sb) = (h.path("sock/vda.sock"), h.path("sock/vdb.sock"));
+    let disks = format!(
+        "{}<vmcrypt:disk target=\"vdb\" image=\"{}\"/>",
+        enc_disk(&img, &key),
+        plain.display()
+    );
+    let xml = domain("vm1", &sa, &vm("required", &disks, "")).replace(
+        "  </devices>",
+        &format!(
+            "    <disk type='vhostuser' device='disk'><driver name='qemu' type='raw' queues='2'/><source type='unix' path='{}'/><target dev='vdb' bus='virtio'/></disk>\n  </devices>",
+            sb.display()
+        ),
+    );
+    let out = h.hook("vm1", "prepare", "begin", &xml)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (Some(pa), Some(pb)) = (blk_serving(&sa)?, blk_serving(&sb)?) else {
+        bail!("no vmcrypt-blk serves the disks");
+    };
+    ensure!(sa.exists() && sb.exists(), "the sockets are missing");
+    // The key went through a pipe: never on a command line.
+    let cmd = std::fs::read(format!("/proc/{pa}/cmdline"))?;
+    ensure!(
+        String::from_utf8_lossy(&cmd).contains("/dev/fd/3"),
+        "the encrypted disk is served without its key"
+    );
+    let cmd_b =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pb}/cmdline"))?).into_owned();
+    ensure!(!cmd_b.contains("--key-file"), "the plain disk got a key");
+    ensure!(
+        cmd_b.contains("--num-queues\u{0}2"),
+        "queues not passed: {cmd_b:?}"
+    );
+
+    let out = h.hook("vm1", "stopped", "end", &xml)?;
+    ensure!(out.status.success());
+    ensure!(
+        blk_serving(&sa)?.is_none() && blk_serving(&sb)?.is_none(),
+        "backends survived stop"
+    );
+
+    // The key provider cannot give the key: the start fails, and nothing is
+    // left running.
+    let foreign = format!(
+        "{}<vmcrypt:disk target=\"vdb\" image=\"{}\" provider=\"corp-kms\" key=\"9\"/>",
+        enc_disk(&img, &key),
+        plain.display()
+    );
+    let bad = xml.replace(&disks, &foreign);
+    h.refused("vm1", "prepare", "begin", &bad, "cannot start vm1")?;
+    ensure!(blk_serving(&sa)?.is_none(), "a backend was left behind");
+
+    // vmcrypt-blk itself fails on the second disk (its image is gone): its
+    // own error comes back as the one line, and the first disk's backend,
+    // already running, is stopped again.
+    let missing = xml.replace(&plain.display().to_string(), "/nonexistent/plain.img");
+    h.refused(
+        "vm1",
+        "prepare",
+        "begin",
+        &missing,
+        "vmcrypt-blk for vdb failed",
+    )?;
+    ensure!(
+        blk_serving(&sa)?.is_none(),
+        "the first backend was left behind"
+    );
+    Ok(())
+}
