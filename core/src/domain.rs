@@ -216,16 +216,25 @@ impl VmMetadata {
         Ok(meta)
     }
 
-    /// The element, ready for libvirt's `virDomainSetMetadata` (key
-    /// `vmcrypt`, URI [`NAMESPACE`]).
+    /// The element with the `vmcrypt:` prefix, as it appears inside a
+    /// domain XML.
     pub fn to_xml(&self) -> String {
-        let mut out = format!(
-            "<{PREFIX}:vm xmlns:{PREFIX}=\"{NAMESPACE}\" policy=\"{}\">",
-            self.policy
-        );
+        self.render(&format!("{PREFIX}:"), &format!("xmlns:{PREFIX}"))
+    }
+
+    /// The element for libvirt's `virDomainSetMetadata` (key [`PREFIX`], URI
+    /// [`NAMESPACE`]). libvirt declares the `vmcrypt` prefix itself and
+    /// refuses an element that already declares it, so this form puts the
+    /// element and its children in the namespace as the default one.
+    pub fn to_set_metadata_xml(&self) -> String {
+        self.render("", "xmlns")
+    }
+
+    fn render(&self, p: &str, decl: &str) -> String {
+        let mut out = format!("<{p}vm {decl}=\"{NAMESPACE}\" policy=\"{}\">", self.policy);
         for d in &self.disks {
             out.push_str(&format!(
-                "<{PREFIX}:disk target=\"{}\" image=\"{}\"",
+                "<{p}disk target=\"{}\" image=\"{}\"",
                 escape(&d.target),
                 escape(&d.image)
             ));
@@ -239,7 +248,7 @@ impl VmMetadata {
             out.push_str("/>");
         }
         if let Some(m) = &self.migration {
-            out.push_str(&format!("<{PREFIX}:migration id=\"{}\"", escape(&m.id)));
+            out.push_str(&format!("<{p}migration id=\"{}\"", escape(&m.id)));
             if let Some(f) = &m.forward {
                 out.push_str(&format!(" forward=\"{}\"", escape(f)));
             }
@@ -252,7 +261,7 @@ impl VmMetadata {
             }
             out.push_str("/>");
         }
-        out.push_str(&format!("</{PREFIX}:vm>"));
+        out.push_str(&format!("</{p}vm>"));
         out
     }
 
@@ -352,6 +361,9 @@ mod tests {
     fn round_trip_with_escaping() {
         let m = sample();
         assert_eq!(VmMetadata::parse(&m.to_xml()).unwrap(), m);
+        let for_libvirt = m.to_set_metadata_xml();
+        assert!(!for_libvirt.contains("xmlns:vmcrypt"), "{for_libvirt}");
+        assert_eq!(VmMetadata::parse(&for_libvirt).unwrap(), m);
     }
 
     #[test]

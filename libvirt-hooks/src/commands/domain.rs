@@ -58,7 +58,7 @@ fn store(dom: &Domain, name: &str, meta: &VmMetadata) -> anyhow::Result<()> {
     }
     dom.set_metadata(
         sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-        Some(&meta.to_xml()),
+        Some(&meta.to_set_metadata_xml()),
         Some(PREFIX),
         Some(NAMESPACE),
         flags,

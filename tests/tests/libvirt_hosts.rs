@@ -1,0 +1,594 @@
+//! Encrypted VMs end to end on two real libvirt hosts (network, mount and
+//! UTS namespaces; `ci/hosts.sh`), with `vmcrypt-hook` installed as each
+//! host's qemu hook, a `vmcrypt-migrate` daemon per host, and TCG guests:
+//! what an operator does with `virsh` and `vmcrypt`, and what they must see.
+//!
+//! - the embedded provider (a keystore both hosts share): encrypt a VM, run
+//!   it, plain `virsh migrate` refused, a destination without the key
+//!   refused, a tampered stream refused, `vmcrypt migrate` encrypted with no
+//!   plaintext on the wire, decrypt keeps `required`; no key in any log or
+//!   XML on either host;
+//! - the policies with and without the destination's proxy, and plain
+//!   `virsh migrate` of an opportunistic VM (logged; its stream carries
+//!   plaintext, which shows that the capture would see it);
+//! - a KMIP key server (PyKMIP): down when the VM starts (start fails), down
+//!   while it runs (it keeps running), unreachable from the destination
+//!   (migration refused), then an encrypted migration.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use vmcrypt_tests::guest::{wait_for_path, ChildGuard, Console};
+use vmcrypt_tests::hosts::{Host, HostsOptions, Relay, TwoHosts};
+use vmcrypt_tests::kmip::{free_port, Pki, PyKmipServer};
+use vmcrypt_tests::libvirt_domain::{TestDomain, VhostUserDisk};
+use vmcrypt_tests::netns::Bridge;
+use vmcrypt_tests::netrelay::{Fault, NetRelay};
+use vmcrypt_tests::vmcrypt::{bin, file_contains};
+
+const NS: &str = "urn:vmcrypt:domain:1";
+const DISK_MARKER: &str = "VMCRYPT-DISK-MARKER-7d1e90";
+const RAM_MARKER: &str = "VMCRYPT-RAM-MARKER-c40b2f";
+const BOOT: Duration = Duration::from_secs(180);
+
+fn lo(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+}
+
+fn hosts() -> Result<TwoHosts> {
+    TwoHosts::up(&HostsOptions::new().hook(bin("vmcrypt-hook")?))
+}
+
+/// `vmcrypt ARGS` on `host`.
+fn vmcrypt(host: &Host, args: &[&str]) -> Result<Output> {
+    Ok(host
+        .command(bin("vmcrypt")?)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?)
+}
+
+fn vmcrypt_ok(host: &Host, args: &[&str]) -> Result<String> {
+    let out = vmcrypt(host, args)?;
+    ensure!(
+        out.status.success(),
+        "vmcrypt {args:?} on {} failed: {}",
+        host.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `vmcrypt ARGS` must fail with one line on stderr containing `want`.
+fn vmcrypt_fails(host: &Host, args: &[&str], want: &str) -> Result<String> {
+    let out = vmcrypt(host, args)?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success(),
+        "vmcrypt {args:?} on {} succeeded: {}",
+        host.name,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(
+        err.lines().count() == 1 && err.starts_with("vmcrypt: ") && err.contains(want),
+        "vmcrypt {args:?} on {}: wanted one line with {want:?}, got {err:?}",
+        host.name
+    );
+    Ok(err)
+}
+
+/// Starts the host's `vmcrypt-migrate daemon` (control socket in the host's
+/// /run/vmcrypt, port 49200 on all its addresses).
+fn migrate_daemon(host: &Host) -> Result<ChildGuard> {
+    let log = std::fs::File::create(host.dir().join("vmcrypt-migrate.log"))?;
+    let mut c = host.command(bin("vmcrypt-migrate")?);
+    c.arg("daemon")
+        .env("VMCRYPT_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let g = ChildGuard::spawn(&format!("vmcrypt-migrate@{}", host.name), c)?;
+    wait_for_path(
+        &host.outside("/run/vmcrypt/migrate.sock"),
+        Duration::from_secs(10),
+    )?;
+    Ok(g)
+}
+
+/// A domain with one vmcrypt disk (`vda`, `image`) served on the socket the
+/// hook will start vmcrypt-blk on.
+fn domain(name: &str, image: &Path, policy: &str) -> Result<TestDomain> {
+    Ok(TestDomain::new(name)?
+        .memory_mib(256)
+        .disk(VhostUserDisk {
+            socket: PathBuf::from(format!("/run/vmcrypt/{name}-vda.sock")),
+            target: "vda".into(),
+            queues: None,
+            reconnect_secs: None,
+        })
+        .metadata(format!(
+            "<vmcrypt:vm xmlns:vmcrypt=\"{NS}\" policy=\"{policy}\">\
+             <vmcrypt:disk target=\"vda\" image=\"{}\"/></vmcrypt:vm>",
+            image.display()
+        )))
+}
+
+fn raw_image(hosts: &TwoHosts, name: &str) -> Result<PathBuf> {
+    let p = hosts.shared_dir().join(name);
+    std::fs::File::create(&p)?.set_len(64 << 20)?;
+    Ok(p)
+}
+
+/// Writes the disk marker (through vmcrypt-blk, O_DIRECT) and keeps the RAM
+/// marker in guest memory.
+fn write_markers(con: &mut Console) -> Result<()> {
+    con.run_ok(&format!(
+        "echo {DISK_MARKER} | dd of=/dev/vda bs=512 seek=4096 oflag=direct conv=sync,fsync 2>&1 && \
+         yes {RAM_MARKER} | head -c 262144 > /tmp/ram-marker && echo written"
+    ))?;
+    Ok(())
+}
+
+/// The guest still has both markers.
+fn check_markers(con: &mut Console, host: &Host) -> Result<()> {
+    let disk = con
+        .run_ok("dd if=/dev/vda bs=512 skip=4096 count=1 iflag=direct 2>/dev/null | head -c 64")?;
+    ensure!(
+        disk.contains(DISK_MARKER),
+        "on {} the guest does not read its disk marker back: {disk:?}",
+        host.name
+    );
+    let ram = con.run_ok("head -c 64 /tmp/ram-marker")?;
+    ensure!(
+        ram.contains(RAM_MARKER),
+        "on {} the guest lost its RAM marker: {ram:?}",
+        host.name
+    );
+    Ok(())
+}
+
+fn running_on(dom: &TestDomain, host: &Host) -> bool {
+    dom.state(host).map(|s| s == "running").unwrap_or(false)
+}
+
+/// After a refused or failed migration: the VM runs on `src` and answers,
+/// and the destination has no trace of it.
+fn still_on_source(dom: &TestDomain, src: &Host, dst: &Host, con: &mut Console) -> Result<()> {
+    ensure!(
+        running_on(dom, src),
+        "{} no longer runs on {}",
+        dom.name,
+        src.name
+    );
+    con.ping(Duration::from_secs(30))
+        .with_context(|| format!("{} on {} stopped answering", dom.name, src.name))?;
+    check_markers(con, src)?;
+    ensure!(
+        !running_on(dom, dst),
+        "{} is running on {} too",
+        dom.name,
+        dst.name
+    );
+    // The destination's hook stopped its backends and forgot the migration.
+    let left = dst.outside(format!("/run/vmcrypt/domains/{}", dom.name));
+    let t0 = Instant::now();
+    while left.exists() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(
+        !left.exists(),
+        "{} still holds state for {} after the failed migration",
+        dst.name,
+        dom.name
+    );
+    Ok(())
+}
+
+/// Every file under the hosts' libvirt and vmcrypt folders (logs, domain
+/// XML on disk, status XML) must be free of `needles`.
+fn no_secrets_on_hosts(hosts: &TwoHosts, needles: &[(&str, Vec<u8>)]) -> Result<usize> {
+    let mut files = 0;
+    for h in [hosts.a(), hosts.b()] {
+        for dir in [
+            "/etc/libvirt",
+            "/var/log/libvirt",
+            "/run/libvirt",
+            "/var/lib/libvirt",
+            "/var/log/vmcrypt",
+            "/run/vmcrypt",
+        ] {
+            let mut stack = vec![h.outside(dir)];
+            while let Some(p) = stack.pop() {
+                let Ok(md) = std::fs::symlink_metadata(&p) else {
+                    continue;
+                };
+                if md.is_dir() {
+                    if let Ok(rd) = std::fs::read_dir(&p) {
+                        stack.extend(rd.flatten().map(|e| e.path()));
+                    }
+                } else if md.is_file() {
+                    files += 1;
+                    for (what, n) in needles {
+                        ensure!(
+                            !file_contains(&p, n)?,
+                            "{what} found in {} (on {})",
+                            p.display(),
+                            h.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(files)
+}
+
+fn kek_hex(keystore: &Path) -> Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(keystore)?)?;
+    let keys = v["keys"].as_object().context("no keys in the keystore")?;
+    Ok(keys
+        .values()
+        .filter_map(|k| k["material"].as_str().map(str::to_string))
+        .filter(|m| !m.is_empty())
+        .collect())
+}
+
+/// `vmcrypt migrate` with the test's options (qemu+tcp between the hosts).
+fn migrate_args<'a>(dom: &'a str, dst: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["migrate", dom, dst, "--allow-insecure-transport"];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn encrypted_vm_on_the_embedded_provider() -> Result<()> {
+    let t0 = Instant::now();
+    let hosts = hosts()?;
+    let (a, b) = (hosts.a(), hosts.b());
+    // Both hosts use one keystore on the shared storage.
+    let keystore = hosts.shared_dir().join("keystore.json");
+    for h in [a, b] {
+        vmcrypt_ok(
+            h,
+            &[
+                "kms",
+                "add",
+                "shared",
+                "--keystore",
+                &keystore.display().to_string(),
+                "--default",
+            ],
+        )?;
+    }
+    let _da = migrate_daemon(a)?;
+    let _db = migrate_daemon(b)?;
+
+    let image = raw_image(&hosts, "vm1.img")?;
+    let dom = domain("vm1", &image, "opportunistic")?;
+    dom.define(a)?;
+    let out = vmcrypt_ok(a, &["encrypt", "vm1"])?;
+    ensure!(out.contains("policy required"), "encrypt: {out}");
+    vmcrypt_fails(a, &["policy", "vm1", "opportunistic"], "is encrypted")?;
+    let st = vmcrypt_ok(a, &["status", "vm1", "--json"])?;
+    ensure!(
+        st.contains("\"encrypted\":true") && st.contains("\"policy\":\"required\""),
+        "status: {st}"
+    );
+
+    dom.start(a)?;
+    let mut con = dom.console(a, BOOT)?;
+    write_markers(&mut con)?;
+    ensure!(
+        !file_contains(&image, DISK_MARKER.as_bytes())?,
+        "the image holds the guest's plaintext"
+    );
+    eprintln!(
+        "libvirt_hosts: vm1 encrypted and running on vmc-a at {:.0?}",
+        t0.elapsed()
+    );
+
+    // Plain `virsh migrate`: refused by vmc-b's hook, naming vmcrypt migrate.
+    let plain = a.virsh([
+        "migrate",
+        "--live",
+        "vm1",
+        &b.uri(),
+        "--migrateuri",
+        "tcp://127.0.0.1:49330",
+        "--listen-address",
+        "127.0.0.1",
+    ]);
+    let err = match plain {
+        Ok(_) => bail!("plain virsh migrate of an encrypted VM succeeded"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        err.contains("vmcrypt migrate vm1"),
+        "virsh's error does not name vmcrypt migrate: {err}"
+    );
+    still_on_source(&dom, a, b, &mut con)?;
+
+    // vmc-b cannot get the VM's key: refused.
+    let b_providers = b.outside("/etc/vmcrypt/providers.json");
+    let good = std::fs::read_to_string(&b_providers)?;
+    std::fs::write(
+        &b_providers,
+        good.replace("keystore.json", "missing/keystore.json"),
+    )?;
+    let err = vmcrypt_fails(a, &migrate_args("vm1", &b.uri(), &[]), "cannot get it")?;
+    ensure!(err.contains("keeps running here"), "{err}");
+    std::fs::write(&b_providers, &good)?;
+    still_on_source(&dom, a, b, &mut con)?;
+
+    // A relay between the proxies flips a byte: the migration fails.
+    let target = SocketAddr::new(IpAddr::V4(b.addr), 49200);
+    // Every connection: `vmcrypt migrate` first checks that the peer port
+    // answers with a connection of its own.
+    let flip =
+        a.in_netns(move || NetRelay::start(target, |_| Fault::Flip { offset: 100_000 }))??;
+    let peer = format!("127.0.0.1:{}", flip.addr().port());
+    let err = vmcrypt_fails(
+        a,
+        &migrate_args("vm1", &b.uri(), &["--peer", &peer]),
+        "failed",
+    )?;
+    eprintln!("libvirt_hosts: tampered stream: {err}");
+    ensure!(
+        flip.conns().iter().any(|c| c.fault_applied()),
+        "the relay did not tamper"
+    );
+    drop(flip);
+    still_on_source(&dom, a, b, &mut con)?;
+
+    // The real thing, through a capturing relay.
+    let capture = Arc::new(a.in_netns(move || NetRelay::passthrough(target))??);
+    let peer = format!("127.0.0.1:{}", capture.addr().port());
+    let t_mig = Instant::now();
+    let out = vmcrypt_ok(a, &migrate_args("vm1", &b.uri(), &["--peer", &peer]))?;
+    eprintln!(
+        "libvirt_hosts: {} ({:.1?})",
+        out.trim().replace('\n', " | "),
+        t_mig.elapsed()
+    );
+    ensure!(out.contains("encrypted"), "not encrypted: {out}");
+    drop(con);
+    ensure!(running_on(&dom, b), "vm1 does not run on vmc-b");
+    ensure!(!running_on(&dom, a), "vm1 still runs on vmc-a");
+    let mut con = dom.console(b, Duration::from_secs(60))?;
+    check_markers(&mut con, b)?;
+    con.run_ok("echo on-b | dd of=/dev/vda bs=512 seek=8192 oflag=direct conv=sync,fsync 2>&1")?;
+    ensure!(
+        capture.c2s_total() > 4 << 20,
+        "only {} bytes crossed: the capture saw no migration",
+        capture.c2s_total()
+    );
+    ensure!(
+        !capture.contains(RAM_MARKER.as_bytes()) && !capture.contains(DISK_MARKER.as_bytes()),
+        "plaintext guest memory crossed between the hosts"
+    );
+
+    // Nothing kept a key: the KEK (hex, as handed to vmcrypt-blk) and the
+    // migration ticket appear in no log or XML on either host.
+    let mut needles: Vec<(&str, Vec<u8>)> = vec![
+        ("a migration ticket", b"vmcrypt:migration".to_vec()),
+        ("a migration ticket", b"migration id=".to_vec()),
+    ];
+    for k in kek_hex(&keystore)? {
+        needles.push(("the KEK", k.into_bytes()));
+    }
+    let files = no_secrets_on_hosts(&hosts, &needles)?;
+    eprintln!("libvirt_hosts: {files} files on both hosts hold no key");
+
+    // Decrypt on vmc-b (shut off): the policy stays required until lowered.
+    drop(con);
+    b.virsh(["destroy", "vm1"])?;
+    let out = vmcrypt_ok(b, &["decrypt", "vm1"])?;
+    ensure!(out.contains("stays required"), "decrypt: {out}");
+    let st = vmcrypt_ok(b, &["policy", "vm1"])?;
+    ensure!(
+        st.contains("policy required") && st.contains("not encrypted"),
+        "{st}"
+    );
+    let st = vmcrypt_ok(b, &["policy", "vm1", "opportunistic"])?;
+    ensure!(st.contains("policy opportunistic"), "{st}");
+    ensure!(
+        file_contains(&image, DISK_MARKER.as_bytes())?,
+        "decrypted image lacks the marker"
+    );
+    ensure!(
+        file_contains(&image, b"on-b")?,
+        "the write on vmc-b is not in the image"
+    );
+    hosts.down()?;
+    eprintln!(
+        "libvirt_hosts: embedded provider story in {:.0?}",
+        t0.elapsed()
+    );
+    Ok(())
+}
+
+#[test]
+fn policies_with_and_without_the_destination_proxy() -> Result<()> {
+    let t0 = Instant::now();
+    let hosts = hosts()?;
+    let (a, b) = (hosts.a(), hosts.b());
+    let _da = migrate_daemon(a)?;
+    // No daemon on vmc-b yet.
+    let image = raw_image(&hosts, "vm2.img")?;
+    let dom = domain("vm2", &image, "required")?;
+    dom.define(a)?;
+    dom.start(a)?;
+    let mut con = dom.console(a, BOOT)?;
+    write_markers(&mut con)?;
+
+    let err = vmcrypt_fails(a, &migrate_args("vm2", &b.uri(), &[]), "not reachable")?;
+    ensure!(err.contains("policy is required"), "{err}");
+    still_on_source(&dom, a, b, &mut con)?;
+    // Plain virsh migrate of a required VM: refused too.
+    let err = format!(
+        "{:#}",
+        a.virsh(["migrate", "--live", "vm2", &b.uri()])
+            .err()
+            .context("virsh migrate of a required VM succeeded")?
+    );
+    ensure!(err.contains("vmcrypt migrate vm2"), "{err}");
+    still_on_source(&dom, a, b, &mut con)?;
+
+    // opportunistic: plain, and it says why.
+    vmcrypt_ok(a, &["policy", "vm2", "opportunistic"])?;
+    let out = vmcrypt_ok(a, &migrate_args("vm2", &b.uri(), &[]))?;
+    ensure!(
+        out.contains("plain") && out.contains("not reachable"),
+        "{out}"
+    );
+    drop(con);
+    let mut con = dom.console(b, Duration::from_secs(60))?;
+    check_markers(&mut con, b)?;
+
+    // disabled: plain, even with both proxies up (back to vmc-a).
+    let _db = migrate_daemon(b)?;
+    vmcrypt_ok(b, &["policy", "vm2", "disabled"])?;
+    let out = vmcrypt_ok(b, &migrate_args("vm2", &a.uri(), &[]))?;
+    ensure!(
+        out.contains("plain") && out.contains("policy disabled"),
+        "{out}"
+    );
+    drop(con);
+    let mut con = dom.console(a, Duration::from_secs(60))?;
+    check_markers(&mut con, a)?;
+
+    // opportunistic with both proxies: encrypted.
+    vmcrypt_ok(a, &["policy", "vm2", "opportunistic"])?;
+    let out = vmcrypt_ok(a, &migrate_args("vm2", &b.uri(), &[]))?;
+    ensure!(out.contains("encrypted"), "{out}");
+    drop(con);
+    let mut con = dom.console(b, Duration::from_secs(60))?;
+    check_markers(&mut con, b)?;
+
+    // Plain virsh migrate of an opportunistic VM (back to vmc-a) goes
+    // through, is logged by vmc-a's hook, and carries plaintext: the
+    // capture below would see a marker if the encrypted runs leaked one.
+    let wire = 49331;
+    let _into_a = Relay::start(a, SocketAddr::new(IpAddr::V4(a.addr), wire), a, lo(49332))?;
+    let out_of_b = Relay::start(b, lo(49332), b, SocketAddr::new(IpAddr::V4(a.addr), wire))?;
+    b.virsh([
+        "migrate",
+        "--live",
+        "vm2",
+        &a.uri(),
+        "--migrateuri",
+        "tcp://127.0.0.1:49332",
+        "--listen-address",
+        "127.0.0.1",
+    ])?;
+    ensure!(
+        out_of_b.connections() >= 1,
+        "the plain migration bypassed the relay"
+    );
+    drop(con);
+    let mut con = dom.console(a, Duration::from_secs(60))?;
+    check_markers(&mut con, a)?;
+    let log = std::fs::read_to_string(a.outside("/var/log/vmcrypt/hook.log")).unwrap_or_default();
+    ensure!(
+        log.contains("plain migration without vmcrypt migrate") && log.contains("vm2"),
+        "vmc-a's hook did not log the plain migration:\n{log}"
+    );
+    drop(con);
+    hosts.down()?;
+    eprintln!("libvirt_hosts: policy matrix in {:.0?}", t0.elapsed());
+    Ok(())
+}
+
+#[test]
+fn encrypted_vm_on_a_kmip_server() -> Result<()> {
+    let t0 = Instant::now();
+    let pki = Pki::new()?;
+    let server = PyKmipServer::start(&pki)?;
+    let hosts = hosts()?;
+    let (a, b) = (hosts.a(), hosts.b());
+    // The key server runs in the test's namespace; each host reaches it on
+    // its own 127.0.0.1:PORT while its bridge runs.
+    let port = free_port()?;
+    let target = lo(server.port());
+    let mut bridge_a = Some(Bridge::start(a, port, target)?);
+    let mut bridge_b = Some(Bridge::start(b, port, target)?);
+    for h in [a, b] {
+        vmcrypt_ok(
+            h,
+            &[
+                "kms",
+                "add",
+                "corp",
+                "--server",
+                &format!("127.0.0.1:{port}"),
+                "--ca",
+                &pki.ca_cert.display().to_string(),
+                "--cert",
+                &pki.client_cert.display().to_string(),
+                "--key",
+                &pki.client_key.display().to_string(),
+                "--timeout",
+                "2",
+                "--default",
+            ],
+        )?;
+    }
+    let _da = migrate_daemon(a)?;
+    let _db = migrate_daemon(b)?;
+    let image = raw_image(&hosts, "vm3.img")?;
+    let dom = domain("vm3", &image, "opportunistic")?;
+    dom.define(a)?;
+    let out = vmcrypt_ok(a, &["encrypt", "vm3"])?;
+    ensure!(out.contains("key corp/"), "{out}");
+    dom.start(a)?;
+    let mut con = dom.console(a, BOOT)?;
+    write_markers(&mut con)?;
+
+    // The key server goes away while the VM runs: it keeps running.
+    drop(bridge_a.take());
+    con.run_ok(
+        "echo still-here | dd of=/dev/vda bs=512 seek=9000 oflag=direct conv=sync,fsync 2>&1",
+    )?;
+    check_markers(&mut con, a)?;
+    // ... and the VM cannot start without it: one clear line.
+    drop(con);
+    a.virsh(["destroy", "vm3"])?;
+    let err = format!(
+        "{:#}",
+        dom.start(a)
+            .err()
+            .context("vm3 started without its key server")?
+    );
+    ensure!(
+        err.contains("cannot start vm3") && err.contains("corp"),
+        "the start failure does not say why: {err}"
+    );
+    ensure!(!running_on(&dom, a), "vm3 runs without its key");
+    bridge_a = Some(Bridge::start(a, port, target)?);
+    dom.start(a)?;
+    let mut con = dom.console(a, BOOT)?;
+    write_markers(&mut con)?;
+
+    // vmc-b cannot reach the key server: the encrypted VM may not go there.
+    drop(bridge_b.take());
+    vmcrypt_fails(a, &migrate_args("vm3", &b.uri(), &[]), "cannot get it")?;
+    still_on_source(&dom, a, b, &mut con)?;
+    bridge_b = Some(Bridge::start(b, port, target)?);
+    let out = vmcrypt_ok(a, &migrate_args("vm3", &b.uri(), &["--p2p"]))?;
+    ensure!(out.contains("encrypted"), "{out}");
+    drop(con);
+    let mut con = dom.console(b, Duration::from_secs(60))?;
+    check_markers(&mut con, b)?;
+    let back = con
+        .run_ok("dd if=/dev/vda bs=512 skip=9000 count=1 iflag=direct 2>/dev/null | head -c 16")?;
+    ensure!(back.contains("still-here"), "{back:?}");
+    drop(con);
+    drop((bridge_a, bridge_b));
+    hosts.down()?;
+    eprintln!("libvirt_hosts: KMIP story in {:.0?}", t0.elapsed());
+    Ok(())
+}
