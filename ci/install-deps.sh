@@ -15,6 +15,11 @@ command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 command -v cpio >/dev/null || need+=(cpio)
 command -v flock >/dev/null || need+=(util-linux)
+# The two-host libvirt harness (ci/hosts.sh): namespaces, veth, libvirt.
+command -v ip >/dev/null || need+=(iproute2)
+command -v libvirtd >/dev/null || need+=(libvirt-daemon-system)
+command -v virsh >/dev/null || need+=(libvirt-clients)
+dpkg -s libvirt-dev >/dev/null 2>&1 || need+=(libvirt-dev)
 # The KMIP tests: openssl makes their certificates; PyKMIP runs in a venv.
 command -v openssl >/dev/null || need+=(openssl)
 PYKMIP_VENV=/opt/pykmip-venv

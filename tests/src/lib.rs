@@ -2,7 +2,10 @@
 
 pub mod frontend;
 pub mod guest;
+pub mod hosts;
 pub mod kmip;
+pub mod libvirt_domain;
 pub mod migration;
+pub mod netns;
 pub mod netrelay;
 pub mod vmcrypt;
