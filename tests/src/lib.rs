@@ -9,3 +9,4 @@ pub mod migration;
 pub mod netns;
 pub mod netrelay;
 pub mod vmcrypt;
+pub mod vmcrypt_hosts;

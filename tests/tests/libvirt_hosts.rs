@@ -17,20 +17,21 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use vmcrypt_tests::guest::{wait_for_path, ChildGuard, Console};
+use vmcrypt_tests::guest::Console;
 use vmcrypt_tests::hosts::{Host, HostsOptions, Relay, TwoHosts};
 use vmcrypt_tests::kmip::{free_port, Pki, PyKmipServer};
-use vmcrypt_tests::libvirt_domain::{TestDomain, VhostUserDisk};
+use vmcrypt_tests::libvirt_domain::TestDomain;
 use vmcrypt_tests::netns::Bridge;
 use vmcrypt_tests::netrelay::{Fault, NetRelay};
 use vmcrypt_tests::vmcrypt::{bin, file_contains};
+use vmcrypt_tests::vmcrypt_hosts::{
+    migrate_daemon, share_keystore, vmcrypt, vmcrypt_domain, vmcrypt_ok,
+};
 
-const NS: &str = "urn:vmcrypt:domain:1";
 const DISK_MARKER: &str = "VMCRYPT-DISK-MARKER-7d1e90";
 const RAM_MARKER: &str = "VMCRYPT-RAM-MARKER-c40b2f";
 const BOOT: Duration = Duration::from_secs(180);
@@ -41,26 +42,6 @@ fn lo(port: u16) -> SocketAddr {
 
 fn hosts() -> Result<TwoHosts> {
     TwoHosts::up(&HostsOptions::new().hook(bin("vmcrypt-hook")?))
-}
-
-/// `vmcrypt ARGS` on `host`.
-fn vmcrypt(host: &Host, args: &[&str]) -> Result<Output> {
-    Ok(host
-        .command(bin("vmcrypt")?)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()?)
-}
-
-fn vmcrypt_ok(host: &Host, args: &[&str]) -> Result<String> {
-    let out = vmcrypt(host, args)?;
-    ensure!(
-        out.status.success(),
-        "vmcrypt {args:?} on {} failed: {}",
-        host.name,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `vmcrypt ARGS` must fail with one line on stderr containing `want`.
@@ -79,42 +60,6 @@ fn vmcrypt_fails(host: &Host, args: &[&str], want: &str) -> Result<String> {
         host.name
     );
     Ok(err)
-}
-
-/// Starts the host's `vmcrypt-migrate daemon` (control socket in the host's
-/// /run/vmcrypt, port 49200 on all its addresses).
-fn migrate_daemon(host: &Host) -> Result<ChildGuard> {
-    let log = std::fs::File::create(host.dir().join("vmcrypt-migrate.log"))?;
-    let mut c = host.command(bin("vmcrypt-migrate")?);
-    c.arg("daemon")
-        .env("VMCRYPT_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let g = ChildGuard::spawn(&format!("vmcrypt-migrate@{}", host.name), c)?;
-    wait_for_path(
-        &host.outside("/run/vmcrypt/migrate.sock"),
-        Duration::from_secs(10),
-    )?;
-    Ok(g)
-}
-
-/// A domain with one vmcrypt disk (`vda`, `image`) served on the socket the
-/// hook will start vmcrypt-blk on.
-fn domain(name: &str, image: &Path, policy: &str) -> Result<TestDomain> {
-    Ok(TestDomain::new(name)?
-        .memory_mib(256)
-        .disk(VhostUserDisk {
-            socket: PathBuf::from(format!("/run/vmcrypt/{name}-vda.sock")),
-            target: "vda".into(),
-            queues: None,
-            reconnect_secs: None,
-        })
-        .metadata(format!(
-            "<vmcrypt:vm xmlns:vmcrypt=\"{NS}\" policy=\"{policy}\">\
-             <vmcrypt:disk target=\"vda\" image=\"{}\"/></vmcrypt:vm>",
-            image.display()
-        )))
 }
 
 fn raw_image(hosts: &TwoHosts, name: &str) -> Result<PathBuf> {
@@ -250,25 +195,12 @@ fn encrypted_vm_on_the_embedded_provider() -> Result<()> {
     let hosts = hosts()?;
     let (a, b) = (hosts.a(), hosts.b());
     // Both hosts use one keystore on the shared storage.
-    let keystore = hosts.shared_dir().join("keystore.json");
-    for h in [a, b] {
-        vmcrypt_ok(
-            h,
-            &[
-                "kms",
-                "add",
-                "shared",
-                "--keystore",
-                &keystore.display().to_string(),
-                "--default",
-            ],
-        )?;
-    }
+    let keystore = share_keystore(&hosts)?;
     let _da = migrate_daemon(a)?;
     let _db = migrate_daemon(b)?;
 
     let image = raw_image(&hosts, "vm1.img")?;
-    let dom = domain("vm1", &image, "opportunistic")?;
+    let dom = vmcrypt_domain("vm1", &image, Some("opportunistic"))?;
     dom.define(a)?;
     let out = vmcrypt_ok(a, &["encrypt", "vm1"])?;
     ensure!(out.contains("policy required"), "encrypt: {out}");
@@ -416,10 +348,10 @@ fn policies_with_and_without_the_destination_proxy() -> Result<()> {
     let t0 = Instant::now();
     let hosts = hosts()?;
     let (a, b) = (hosts.a(), hosts.b());
-    let _da = migrate_daemon(a)?;
+    let da = migrate_daemon(a)?;
     // No daemon on vmc-b yet.
     let image = raw_image(&hosts, "vm2.img")?;
-    let dom = domain("vm2", &image, "required")?;
+    let dom = vmcrypt_domain("vm2", &image, Some("required"))?;
     dom.define(a)?;
     dom.start(a)?;
     let mut con = dom.console(a, BOOT)?;
@@ -438,31 +370,34 @@ fn policies_with_and_without_the_destination_proxy() -> Result<()> {
     ensure!(err.contains("vmcrypt migrate vm2"), "{err}");
     still_on_source(&dom, a, b, &mut con)?;
 
-    // opportunistic: plain, and it says why.
-    vmcrypt_ok(a, &["policy", "vm2", "opportunistic"])?;
+    // disabled, vmc-b without a proxy: plain.
+    vmcrypt_ok(a, &["policy", "vm2", "disabled"])?;
     let out = vmcrypt_ok(a, &migrate_args("vm2", &b.uri(), &[]))?;
     ensure!(
-        out.contains("plain") && out.contains("not reachable"),
+        out.contains("plain") && out.contains("policy disabled"),
         "{out}"
     );
     drop(con);
     let mut con = dom.console(b, Duration::from_secs(60))?;
     check_markers(&mut con, b)?;
 
-    // disabled: plain, even with both proxies up (back to vmc-a).
+    // opportunistic, back to vmc-a whose proxy is now stopped: plain, and it
+    // says why. (vm2 is not encrypted, so neither host needs a key provider
+    // for it: vmc-b has none configured.)
+    drop(da);
     let _db = migrate_daemon(b)?;
-    vmcrypt_ok(b, &["policy", "vm2", "disabled"])?;
+    vmcrypt_ok(b, &["policy", "vm2", "opportunistic"])?;
     let out = vmcrypt_ok(b, &migrate_args("vm2", &a.uri(), &[]))?;
     ensure!(
-        out.contains("plain") && out.contains("policy disabled"),
+        out.contains("plain") && out.contains("not reachable"),
         "{out}"
     );
     drop(con);
     let mut con = dom.console(a, Duration::from_secs(60))?;
     check_markers(&mut con, a)?;
+    let _da = migrate_daemon(a)?;
 
     // opportunistic with both proxies: encrypted.
-    vmcrypt_ok(a, &["policy", "vm2", "opportunistic"])?;
     let out = vmcrypt_ok(a, &migrate_args("vm2", &b.uri(), &[]))?;
     ensure!(out.contains("encrypted"), "{out}");
     drop(con);
@@ -543,7 +478,7 @@ fn encrypted_vm_on_a_kmip_server() -> Result<()> {
     let _da = migrate_daemon(a)?;
     let _db = migrate_daemon(b)?;
     let image = raw_image(&hosts, "vm3.img")?;
-    let dom = domain("vm3", &image, "opportunistic")?;
+    let dom = vmcrypt_domain("vm3", &image, Some("opportunistic"))?;
     dom.define(a)?;
     let out = vmcrypt_ok(a, &["encrypt", "vm3"])?;
     ensure!(out.contains("key corp/"), "{out}");
@@ -581,7 +516,10 @@ fn encrypted_vm_on_a_kmip_server() -> Result<()> {
     vmcrypt_fails(a, &migrate_args("vm3", &b.uri(), &[]), "cannot get it")?;
     still_on_source(&dom, a, b, &mut con)?;
     bridge_b = Some(Bridge::start(b, port, target)?);
-    let out = vmcrypt_ok(a, &migrate_args("vm3", &b.uri(), &["--p2p"]))?;
+    let out = vmcrypt_ok(
+        a,
+        &migrate_args("vm3", &b.uri(), &["--p2p", "--parallel", "2"]),
+    )?;
     ensure!(out.contains("encrypted"), "{out}");
     drop(con);
     let mut con = dom.console(b, Duration::from_secs(60))?;

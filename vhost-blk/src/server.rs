@@ -102,7 +102,12 @@ fn serve_connections(
             return Ok(());
         }
         match result {
-            Ok(()) => tracing::info!("frontend disconnected; waiting for the next one"),
+            // QEMU closing its end (VM stopped, or migrated away) is the
+            // normal way a connection ends.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => tracing::info!("frontend disconnected; waiting for the next one"),
             Err(e) => tracing::warn!("connection ended: {e}; waiting for the next one"),
         }
     }

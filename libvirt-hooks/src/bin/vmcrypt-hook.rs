@@ -7,11 +7,16 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    const USAGE: &str = "usage: vmcrypt-hook GUEST OPERATION SUB-OPERATION [EXTRA] < domain.xml\n\
+        libvirt's qemu hook: install it as /etc/libvirt/hooks/qemu (or in qemu.d/) and restart\n\
+        libvirtd. It starts and stops vmcrypt-blk for a VM's vmcrypt disks and polices\n\
+        migrations (see the vmcrypt README). Logs: /var/log/vmcrypt/hook.log.";
+    if matches!(args.get(1).map(String::as_str), Some("-h" | "--help")) {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     if args.len() < 3 || args[1].starts_with('-') {
-        eprintln!(
-            "usage: vmcrypt-hook GUEST OPERATION SUB-OPERATION [EXTRA] < domain.xml\n\
-             (libvirt runs it as /etc/libvirt/hooks/qemu; see the vmcrypt README)"
-        );
+        eprintln!("{USAGE}");
         return ExitCode::from(2);
     }
     vmcrypt_core::logging::init_file("info", &vmcrypt_cli::paths::log_dir().join("hook.log"));

@@ -16,15 +16,14 @@
 //! 7. on host B the guest is still counting and reads its data back.
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use vmcrypt_tests::guest::{wait_for_path, ChildGuard};
 use vmcrypt_tests::hosts::{Host, HostsOptions, TwoHosts};
-use vmcrypt_tests::libvirt_domain::{TestDomain, VhostUserDisk};
 use vmcrypt_tests::netrelay::NetRelay;
 use vmcrypt_tests::vmcrypt::{bin, file_contains};
+use vmcrypt_tests::vmcrypt_hosts::{migrate_daemon, share_keystore, vmcrypt_domain, vmcrypt_ok};
 
 const SECRET: &str = "launch-codes: 0000-correct-horse-battery-staple";
 const VM: &str = "demo-vm";
@@ -42,37 +41,9 @@ fn show(host: &Host, cmd: &str, out: &str) {
 
 /// Runs `vmcrypt ARGS` on `host`, shows it, and returns stdout.
 fn vmcrypt(host: &Host, args: &[&str]) -> Result<String> {
-    let out = host
-        .command(bin("vmcrypt")?)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "vmcrypt {} on {}: {}",
-            args.join(" "),
-            host.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let text = vmcrypt_ok(host, args)?;
     show(host, &format!("vmcrypt {}", args.join(" ")), &text);
     Ok(text)
-}
-
-fn daemon(host: &Host) -> Result<ChildGuard> {
-    let log = std::fs::File::create(host.dir().join("vmcrypt-migrate.log"))?;
-    let mut c = host.command(bin("vmcrypt-migrate")?);
-    c.arg("daemon")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let g = ChildGuard::spawn(&format!("vmcrypt-migrate@{}", host.name), c)?;
-    wait_for_path(
-        &host.outside("/run/vmcrypt/migrate.sock"),
-        Duration::from_secs(10),
-    )?;
-    Ok(g)
 }
 
 fn demo() -> Result<()> {
@@ -92,21 +63,12 @@ fn demo() -> Result<()> {
         t0.elapsed(),
         hosts.shared_dir().display()
     );
-    let keystore = hosts.shared_dir().join("keystore.json");
-    for h in [a, b] {
-        vmcrypt(
-            h,
-            &[
-                "kms",
-                "add",
-                "shared",
-                "--keystore",
-                &keystore.display().to_string(),
-                "--default",
-            ],
-        )?;
-    }
-    let _daemons = (daemon(a)?, daemon(b)?);
+    let keystore = share_keystore(&hosts)?;
+    println!(
+        "    both hosts: default key provider \"shared\", the embedded keystore {}",
+        keystore.display()
+    );
+    let _daemons = (migrate_daemon(a)?, migrate_daemon(b)?);
 
     step(
         2,
@@ -114,18 +76,7 @@ fn demo() -> Result<()> {
     );
     let image = hosts.shared_dir().join("demo-vm.img");
     std::fs::File::create(&image)?.set_len(128 << 20)?;
-    let dom = TestDomain::new(VM)?
-        .memory_mib(256)
-        .disk(VhostUserDisk {
-            socket: format!("/run/vmcrypt/{VM}-vda.sock").into(),
-            target: "vda".into(),
-            queues: None,
-            reconnect_secs: None,
-        })
-        .metadata(format!(
-            "<vmcrypt:vm xmlns:vmcrypt=\"urn:vmcrypt:domain:1\"><vmcrypt:disk target=\"vda\" image=\"{}\"/></vmcrypt:vm>",
-            image.display()
-        ));
+    let dom = vmcrypt_domain(VM, &image, None)?;
     dom.define(a)?;
     vmcrypt(a, &["encrypt", VM])?;
 

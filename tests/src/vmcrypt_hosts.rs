@@ -1,0 +1,91 @@
+//! vmcrypt on the two-host harness: its commands run inside a host, the
+//! per-host migration daemon, the shared embedded keystore, and test
+//! domains with vmcrypt disks. Used by the two-host tests and the demo.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+
+use crate::guest::{wait_for_path, ChildGuard};
+use crate::hosts::{Host, TwoHosts};
+use crate::libvirt_domain::{TestDomain, VhostUserDisk};
+use crate::vmcrypt::bin;
+
+/// `vmcrypt ARGS` on `host`.
+pub fn vmcrypt(host: &Host, args: &[&str]) -> Result<Output> {
+    Ok(host
+        .command(bin("vmcrypt")?)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?)
+}
+
+/// `vmcrypt ARGS` on `host`, which must succeed; its stdout.
+pub fn vmcrypt_ok(host: &Host, args: &[&str]) -> Result<String> {
+    let out = vmcrypt(host, args)?;
+    ensure!(
+        out.status.success(),
+        "vmcrypt {} on {} failed: {}",
+        args.join(" "),
+        host.name,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Gives both hosts a default key provider `shared`: an embedded keystore
+/// in the shared folder (as hosts sharing storage would). Returns its path.
+pub fn share_keystore(hosts: &TwoHosts) -> Result<PathBuf> {
+    let keystore = hosts.shared_dir().join("keystore.json");
+    let ks = keystore.display().to_string();
+    for h in [hosts.a(), hosts.b()] {
+        vmcrypt_ok(h, &["kms", "add", "shared", "--keystore", &ks, "--default"])?;
+    }
+    Ok(keystore)
+}
+
+/// Starts the host's `vmcrypt-migrate daemon` (control socket
+/// `/run/vmcrypt/migrate.sock` in the host, port 49200 on its addresses);
+/// its log is `HOST_DIR/vmcrypt-migrate.log`.
+pub fn migrate_daemon(host: &Host) -> Result<ChildGuard> {
+    let ctl = host.outside("/run/vmcrypt/migrate.sock");
+    // A killed daemon leaves its socket behind: wait for the new one's.
+    let _ = std::fs::remove_file(&ctl);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(host.dir().join("vmcrypt-migrate.log"))?;
+    let mut c = host.command(bin("vmcrypt-migrate")?);
+    c.arg("daemon")
+        .env("VMCRYPT_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let g = ChildGuard::spawn(&format!("vmcrypt-migrate@{}", host.name), c)?;
+    wait_for_path(&ctl, Duration::from_secs(10))?;
+    Ok(g)
+}
+
+/// A 256 MiB test domain with one vmcrypt disk: `vda`, the raw or LUKS
+/// `image`, on the socket the hook starts vmcrypt-blk on
+/// (`/run/vmcrypt/NAME-vda.sock`); `policy` `None` leaves the default.
+pub fn vmcrypt_domain(name: &str, image: &Path, policy: Option<&str>) -> Result<TestDomain> {
+    let policy = policy
+        .map(|p| format!(" policy=\"{p}\""))
+        .unwrap_or_default();
+    Ok(TestDomain::new(name)?
+        .memory_mib(256)
+        .disk(VhostUserDisk {
+            socket: PathBuf::from(format!("/run/vmcrypt/{name}-vda.sock")),
+            target: "vda".into(),
+            queues: None,
+            reconnect_secs: None,
+        })
+        .metadata(format!(
+            "<vmcrypt:vm xmlns:vmcrypt=\"urn:vmcrypt:domain:1\"{policy}>\
+             <vmcrypt:disk target=\"vda\" image=\"{}\"/></vmcrypt:vm>",
+            image.display()
+        )))
+}
