@@ -39,14 +39,7 @@ fn first_word(s: &str) -> String {
     s.split_whitespace().next().unwrap_or_default().to_string()
 }
 
-// Known to fail intermittently (about 1 run in 3 here): with the guest
-// reading from its vhost-user disk during the migration, the guest on vmc-b
-// sometimes hangs (idle in HLT, its virtqueue consistent and empty) or
-// panics a few seconds after resuming. The same test with the reader on
-// /dev/zero passed 7 of 7. Root cause not found yet (see the README's
-// "Known issues"); run it with `-- --ignored`.
 #[test]
-#[ignore = "intermittent guest hang after migrating with disk I/O in flight; see README Known issues"]
 fn live_migration_between_two_libvirt_hosts() -> Result<()> {
     let t0 = Instant::now();
     let hosts = TwoHosts::up(&HostsOptions::new())?;

@@ -187,6 +187,7 @@ impl VhostUserBackend for BlkBackend {
             .map_err(|_| io::Error::other("worker state poisoned"))?;
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
+        resync_next_used(state.get_queue_mut(), &*mem);
         if self.event_idx.load(Ordering::Acquire) {
             // With EVENT_IDX the guest kicks only once per batch; keep going
             // until re-enabling notifications finds nothing new.
@@ -203,5 +204,65 @@ impl VhostUserBackend for BlkBackend {
             worker.process_queue(&mut state, &mem);
         }
         Ok(())
+    }
+}
+
+/// Makes the queue's next used index agree with the used ring's `idx` in
+/// guest memory, which only this device writes.
+///
+/// vhost-user-backend's SET_VRING_ADDR handler reloads `next_used` from the
+/// ring, but in three separate lock sections. QEMU sends SET_VRING_ADDR on
+/// a live ring when a migration starts dirty logging; a request completed by
+/// this worker between the handler's read and its write moves `next_used`
+/// back by one. The next completion then overwrites a used entry the guest
+/// has not consumed: one request never completes and another completes
+/// twice, which hangs or crashes the guest (seen on the destination of a
+/// migration with disk reads in flight). Checked under the vring lock
+/// before every batch, so the handler cannot interleave with our writes.
+fn resync_next_used<M: vm_memory::GuestMemory>(queue: &mut virtio_queue::Queue, mem: &M) {
+    use virtio_queue::QueueT;
+    if !queue.ready() {
+        return;
+    }
+    if let Ok(idx) = queue.used_idx(mem, Ordering::Acquire) {
+        if idx.0 != queue.next_used() {
+            tracing::debug!(
+                ring = idx.0,
+                ours = queue.next_used(),
+                "next used index out of step with the ring; following the ring"
+            );
+            queue.set_next_used(idx.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    #[test]
+    fn next_used_follows_the_ring_after_a_rollback() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.set_desc_table_address(Some(0x1000), Some(0));
+        q.set_avail_ring_address(Some(0x2000), Some(0));
+        q.set_used_ring_address(Some(0x3000), Some(0));
+        // Not ready: left alone.
+        mem.write_obj(7u16, GuestAddress(0x3002)).unwrap();
+        resync_next_used(&mut q, &mem);
+        assert_eq!(q.next_used(), 0);
+        q.set_ready(true);
+        // The handler's rollback: ring says 7, we say 6.
+        q.set_next_used(6);
+        resync_next_used(&mut q, &mem);
+        assert_eq!(q.next_used(), 7);
+        // In step: unchanged (also across the wrap).
+        mem.write_obj(0u16, GuestAddress(0x3002)).unwrap();
+        q.set_next_used(0);
+        resync_next_used(&mut q, &mem);
+        assert_eq!(q.next_used(), 0);
     }
 }
