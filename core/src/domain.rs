@@ -316,7 +316,8 @@ impl VmMetadata {
         }
     }
 }
-fn escape(s: &str) -> String {
+/// Escapes text for XML content and for attributes in either kind of quote.
+pub fn escape(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

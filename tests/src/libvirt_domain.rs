@@ -311,18 +311,7 @@ pub fn wait_shell(console: &mut Console, timeout: Duration) -> Result<()> {
     }
 }
 
-/// Escapes text for XML content and single-quoted attributes.
+/// Escapes text for XML content and attributes.
 pub fn esc(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '\'' => o.push_str("&apos;"),
-            '"' => o.push_str("&quot;"),
-            c => o.push(c),
-        }
-    }
-    o
+    vmcrypt_core::domain::escape(s)
 }
