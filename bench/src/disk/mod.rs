@@ -89,34 +89,9 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Parses 1G, 512M, 1048576 (binary suffixes).
+/// A size of at least 16 MiB (see [`crate::args::parse_size`]).
 fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("{s:?}: unknown size suffix (use K, M, G or T)")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 512M or 1G"))?;
-    let v = n
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
-    if v < 16 << 20 || v % (1 << 20) != 0 {
-        return Err(format!(
-            "{s:?}: size must be a multiple of 1M, at least 16M"
-        ));
-    }
-    Ok(v)
+    crate::args::parse_size(s, 16)
 }
 
 /// How the benchmark's processes are scheduled.

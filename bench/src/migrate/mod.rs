@@ -88,33 +88,9 @@ pub struct MigrateArgs {
     check: bool,
 }
 
-/// Parses 4G, 512M, 1048576 (binary suffixes); a multiple of 1 MiB.
+/// A size of at least 64 MiB (see [`crate::args::parse_size`]).
 fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                _ => return Err(format!("{s:?}: unknown size suffix (use K, M or G)")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 512M or 4G"))?;
-    let v = n
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
-    if v < 64 << 20 || v % (1 << 20) != 0 {
-        return Err(format!(
-            "{s:?}: size must be a multiple of 1M, at least 64M"
-        ));
-    }
-    Ok(v)
+    crate::args::parse_size(s, 64)
 }
 
 /// How the migration stream travels.
