@@ -149,6 +149,21 @@ fn migrate_begin(xml: &str) -> Result<Option<String>, Refusal> {
                 "{why}: the migration ticket has no forward address"
             ))
         })?;
+        if let Some(path) = forward.strip_prefix("unix:") {
+            // QEMU will listen there; only our own directory is acceptable.
+            let hex_id = !ticket.id.is_empty() && ticket.id.chars().all(|c| c.is_ascii_hexdigit());
+            if !hex_id || std::path::Path::new(path) != paths::migrate_socket(&ticket.id) {
+                return Err(refuse(format!(
+                    "{why}: the migration ticket names an unexpected socket {path}"
+                )));
+            }
+            paths::ensure_migrate_socket_dir().map_err(|e| {
+                refuse(format!(
+                    "{why}: cannot create {}: {e}",
+                    paths::MIGRATE_SOCKET_DIR
+                ))
+            })?;
+        }
         let mut req = Request::new("arm-dest");
         req.id = Some(ticket.id.clone());
         req.forward = Some(forward);
@@ -201,6 +216,11 @@ fn cleanup(guest: &str) {
         // Completed migrations are already forgotten by the daemon; this only
         // drops a key armed for one that never came.
         let _ = control::call(&paths::migrate_control(), &req);
+        // QEMU's listening socket of an incoming migration (unix transport).
+        let id = id.trim();
+        if !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()) {
+            let _ = fs::remove_file(paths::migrate_socket(id));
+        }
     }
     let _ = fs::remove_dir_all(&dir);
     if n > 0 {

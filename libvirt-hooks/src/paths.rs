@@ -21,6 +21,28 @@ pub fn domain_dir(name: &str) -> PathBuf {
     run_dir().join("domains").join(name)
 }
 
+/// Unix sockets between QEMU and vmcrypt-migrate, one per migration:
+/// `/run/vmcrypt/migrate`. The same path is used on both hosts (libvirt
+/// gives both QEMUs one migration URI), so it does not follow
+/// `VMCRYPT_RUN_DIR`.
+pub const MIGRATE_SOCKET_DIR: &str = "/run/vmcrypt/migrate";
+
+/// The socket of migration `id` (a hex id) in [`MIGRATE_SOCKET_DIR`].
+pub fn migrate_socket(id: &str) -> PathBuf {
+    PathBuf::from(MIGRATE_SOCKET_DIR).join(format!("{id}.sock"))
+}
+
+/// Creates [`MIGRATE_SOCKET_DIR`] if needed, mode 1733: QEMU, which may
+/// run as an unprivileged user, must create its listening socket there on
+/// the destination, but nobody else may list the directory (the sockets'
+/// names are random 128-bit ids) or remove another user's socket.
+pub fn ensure_migrate_socket_dir() -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = PathBuf::from(MIGRATE_SOCKET_DIR);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1733))
+}
+
 /// Logs: `/var/log/vmcrypt` (`VMCRYPT_LOG_DIR`).
 pub fn log_dir() -> PathBuf {
     env_or("VMCRYPT_LOG_DIR", "/var/log/vmcrypt")

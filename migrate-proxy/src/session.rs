@@ -62,14 +62,23 @@ fn read_hello(s: &Stream) -> Result<[u8; HELLO_LEN], ProxyError> {
 
 /// read_exact that maps EOF to [`ProxyError::Truncated`] and timeouts to
 /// [`ProxyError::Timeout`].
-pub fn read_exact(mut s: &Stream, buf: &mut [u8], what: &'static str) -> Result<(), ProxyError> {
-    s.read_exact(buf).map_err(|e| match e.kind() {
+pub fn read_exact<R: Read>(mut s: R, buf: &mut [u8], what: &'static str) -> Result<(), ProxyError> {
+    s.read_exact(buf).map_err(|e| map_read_error_as(e, what))
+}
+
+/// The error for a failed read from the peer.
+pub fn map_read_error(e: std::io::Error) -> ProxyError {
+    map_read_error_as(e, "reading from the peer")
+}
+
+fn map_read_error_as(e: std::io::Error, what: &'static str) -> ProxyError {
+    match e.kind() {
         std::io::ErrorKind::UnexpectedEof => ProxyError::Truncated,
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
             ProxyError::Timeout("waiting for the peer")
         }
         _ => ProxyError::Io { what, source: e },
-    })
+    }
 }
 
 /// Writes one frame with `payload` (used for the small control frames).

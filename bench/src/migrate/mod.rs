@@ -68,10 +68,11 @@ pub struct MigrateArgs {
     /// destination side to the last, like two one-core hosts.
     #[arg(long)]
     pin: bool,
-    /// In the proxied modes, connect each QEMU to its local proxy over a
-    /// unix socket instead of loopback TCP (proxy to proxy stays TCP).
+    /// In the proxied modes, connect each QEMU to its local proxy over
+    /// loopback TCP instead of a unix socket (what `vmcrypt migrate
+    /// --local-transport tcp` does). Proxy to proxy is TCP either way.
     #[arg(long)]
-    local_unix: bool,
+    local_tcp: bool,
     /// Record a `perf` profile of each proxy (perf record -p) into this
     /// directory. Adds some load; numbers of such a run are not clean.
     #[arg(long)]
@@ -281,7 +282,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             "paused (-S); destination RAM compared byte for byte with the source's".into()
         },
         pinning,
-        qemu_proxy_legs: if args.local_unix {
+        qemu_proxy_legs: if !args.local_tcp {
             "unix sockets".into()
         } else {
             "loopback TCP".into()
@@ -667,7 +668,7 @@ fn migrate_once(ctx: &Ctx<'_>, mode: Mode, run: u32) -> anyhow::Result<Sample> {
     let tls = mode == Mode::Tls;
     let ports = free_ports()?;
     let [p_src_proxy, p_dst_proxy, p_qemu] = ports;
-    let unix = ctx.args.local_unix && mode.proxied();
+    let unix = !ctx.args.local_tcp && mode.proxied();
     let (src_sock, dst_sock) = (
         dir.join(format!("{tag}-src-proxy.sock")),
         dir.join(format!("{tag}-dst-qemu.sock")),
