@@ -13,6 +13,7 @@ mod disk;
 mod machine;
 mod migrate;
 mod proc;
+mod stats;
 
 #[derive(Parser, Debug)]
 #[command(name = "vmcrypt-bench", version, about)]

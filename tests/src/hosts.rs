@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::guest::{repo_root, wait_for_path, ChildGuard};
+use crate::guest::repo_root;
 use crate::vmcrypt::{bin, Blk};
 
 /// Names of the two hosts (also their hostnames and network namespaces).
@@ -367,36 +367,18 @@ impl Host {
             .base
             .join("logs")
             .join(format!("{}-{file}.log", self.name));
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .with_context(|| format!("opening {}", log.display()))?;
         let program = match std::env::var_os("VMCRYPT_BLK_BIN").filter(|v| !v.is_empty()) {
             Some(p) => PathBuf::from(p),
             None => bin("vmcrypt-blk")?,
         };
-        let mut cmd = self.command(program);
-        cmd.arg("--socket")
-            .arg(socket)
-            .arg("--image")
-            .arg(image)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf);
-        let _ = std::fs::remove_file(&outside);
-        let mut child = ChildGuard::spawn(&format!("vmcrypt-blk on {}", self.name), cmd)?;
-        if let Err(e) = wait_for_path(&outside, Duration::from_secs(30)) {
-            let _ = child.kill();
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            bail!("vmcrypt-blk did not start on {}: {e}\n{text}", self.name);
-        }
-        Ok(Blk {
-            child,
-            socket: outside,
+        Blk::spawn(
+            self.command(program),
+            &format!(" on {}", self.name),
+            (socket, image),
+            args,
             log,
-        })
+            outside,
+        )
     }
 }
 

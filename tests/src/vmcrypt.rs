@@ -11,7 +11,47 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::guest::{repo_root, wait_for_path, ChildGuard};
+use crate::guest::{repo_root, wait_for_path, ChildGuard, TempDir};
+
+/// A vmcrypt installation of its own on this machine: configuration, state,
+/// runtime and log folders in a temporary directory, so that tests can run
+/// side by side without touching /etc/vmcrypt or /run/vmcrypt.
+pub struct LocalHost {
+    dir: TempDir,
+}
+
+impl LocalHost {
+    /// New empty folders, named after `tag`.
+    pub fn new(tag: &str) -> Result<LocalHost> {
+        Ok(LocalHost {
+            dir: TempDir::new(tag)?,
+        })
+    }
+
+    /// A path inside this host's folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Points a command's vmcrypt folders (and migrate control socket) at
+    /// this host's.
+    pub fn env(&self, c: &mut Command) {
+        c.env("VMCRYPT_CONFIG_DIR", self.path("etc"))
+            .env("VMCRYPT_STATE_DIR", self.path("state"))
+            .env("VMCRYPT_RUN_DIR", self.path("run"))
+            .env("VMCRYPT_LOG_DIR", self.path("log"))
+            .env("VMCRYPT_MIGRATE_CONTROL", self.path("run/migrate.sock"))
+            .env_remove("VMCRYPT_LOG");
+    }
+
+    /// One of vmcrypt's programs, set up for this host, stdin closed.
+    pub fn command(&self, program: &str) -> Result<Command> {
+        let mut c = Command::new(bin(program)?);
+        self.env(&mut c);
+        c.stdin(Stdio::null());
+        Ok(c)
+    }
+}
 
 /// The cargo target directory.
 pub fn target_dir() -> PathBuf {
@@ -108,12 +148,32 @@ impl Blk {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        let cmd = Command::new(bin("vmcrypt-blk")?);
         let log = socket.with_extension("log");
+        Blk::spawn(cmd, "", (socket, image), args, log, socket.to_path_buf())
+    }
+
+    /// Runs `cmd` (vmcrypt-blk, perhaps wrapped to run inside a test host;
+    /// `place` says where, for errors) with `--socket SOCKET --image IMAGE
+    /// [ARGS]`, stderr appended to `log`, and waits until the socket exists
+    /// at `seen_at` (its path as this process sees it).
+    pub fn spawn<I, S>(
+        mut cmd: Command,
+        place: &str,
+        (socket, image): (&Path, &Path),
+        args: I,
+        log: PathBuf,
+        seen_at: PathBuf,
+    ) -> Result<Blk>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log)?;
-        let mut cmd = Command::new(bin("vmcrypt-blk")?);
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
         cmd.arg("--socket")
             .arg(socket)
             .arg("--image")
@@ -122,16 +182,16 @@ impl Blk {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf);
-        let _ = std::fs::remove_file(socket);
-        let mut child = ChildGuard::spawn("vmcrypt-blk", cmd)?;
-        if let Err(e) = wait_for_path(socket, Duration::from_secs(30)) {
+        let _ = std::fs::remove_file(&seen_at);
+        let mut child = ChildGuard::spawn(&format!("vmcrypt-blk{place}"), cmd)?;
+        if let Err(e) = wait_for_path(&seen_at, Duration::from_secs(30)) {
             let _ = child.kill();
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            bail!("vmcrypt-blk did not start: {e}\n{text}");
+            bail!("vmcrypt-blk did not start{place}: {e}\n{text}");
         }
         Ok(Blk {
             child,
-            socket: socket.to_path_buf(),
+            socket: seen_at,
             log,
         })
     }

@@ -6,43 +6,31 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use vmcrypt_tests::guest::{wait_for_path, ChildGuard, TempDir};
+use vmcrypt_tests::guest::{wait_for_path, ChildGuard};
 use vmcrypt_tests::migration::random_hex;
-use vmcrypt_tests::vmcrypt::bin;
+use vmcrypt_tests::vmcrypt::LocalHost;
 
-/// One host's worth of vmcrypt folders.
-struct Host {
-    dir: TempDir,
+/// One host's worth of vmcrypt folders, with the hook's helpers.
+struct Host(LocalHost);
+
+impl std::ops::Deref for Host {
+    type Target = LocalHost;
+    fn deref(&self) -> &LocalHost {
+        &self.0
+    }
 }
 
 impl Host {
     fn new(tag: &str) -> Result<Host> {
-        Ok(Host {
-            dir: TempDir::new(tag)?,
-        })
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn env(&self, c: &mut Command) {
-        c.env("VMCRYPT_CONFIG_DIR", self.path("etc"))
-            .env("VMCRYPT_STATE_DIR", self.path("state"))
-            .env("VMCRYPT_RUN_DIR", self.path("run"))
-            .env("VMCRYPT_LOG_DIR", self.path("log"))
-            .env("VMCRYPT_MIGRATE_CONTROL", self.path("run/migrate.sock"))
-            .env_remove("VMCRYPT_LOG");
+        Ok(Host(LocalHost::new(tag)?))
     }
 
     fn vmcrypt(&self, args: &[&str]) -> Result<String> {
-        let mut c = Command::new(bin("vmcrypt")?);
-        self.env(&mut c);
-        let out = c.args(args).stdin(Stdio::null()).output()?;
+        let out = self.command("vmcrypt")?.args(args).output()?;
         ensure!(
             out.status.success(),
             "vmcrypt {args:?}: {}",
@@ -52,9 +40,8 @@ impl Host {
     }
 
     fn hook(&self, guest: &str, op: &str, subop: &str, xml: &str) -> Result<Output> {
-        let mut c = Command::new(bin("vmcrypt-hook")?);
-        self.env(&mut c);
-        let mut child = c
+        let mut child = self
+            .command("vmcrypt-hook")?
             .args([guest, op, subop, "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -104,13 +91,11 @@ impl Host {
     }
 
     fn daemon(&self) -> Result<ChildGuard> {
-        let mut c = Command::new(bin("vmcrypt-migrate")?);
-        self.env(&mut c);
+        let mut c = self.command("vmcrypt-migrate")?;
         let ctl = self.path("run/migrate.sock");
         std::fs::create_dir_all(self.path("run"))?;
         c.args(["daemon", "--listen", "127.0.0.1:0", "--control"])
             .arg(&ctl)
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let g = ChildGuard::spawn("vmcrypt-migrate daemon", c)?;

@@ -4,39 +4,34 @@
 //! failures leave images untouched; key bytes appear nowhere but the key slot.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use vmcrypt_core::kms::kmip::KmipProvider;
 use vmcrypt_core::kms::KeyProvider;
-use vmcrypt_tests::guest::{wait_for_path, ChildGuard, Guest, QemuConfig, TempDir};
+use vmcrypt_tests::guest::{wait_for_path, ChildGuard, Guest, QemuConfig};
 use vmcrypt_tests::kmip::{free_port, Pki, PyKmipServer};
-use vmcrypt_tests::vmcrypt::{bin, file_contains, qemu_decrypt, sha256_file};
+use vmcrypt_tests::vmcrypt::{file_contains, qemu_decrypt, sha256_file, LocalHost};
 
 /// A `vmcrypt` with its own configuration and state folders.
-struct Host {
-    dir: TempDir,
+struct Host(LocalHost);
+
+impl std::ops::Deref for Host {
+    type Target = LocalHost;
+    fn deref(&self) -> &LocalHost {
+        &self.0
+    }
 }
 
 impl Host {
     fn new(tag: &str) -> Result<Host> {
-        Ok(Host {
-            dir: TempDir::new(tag)?,
-        })
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        Ok(Host(LocalHost::new(tag)?))
     }
 
     fn cmd(&self) -> Result<Command> {
-        let mut c = Command::new(bin("vmcrypt")?);
-        c.env("VMCRYPT_CONFIG_DIR", self.path("etc"))
-            .env("VMCRYPT_STATE_DIR", self.path("state"))
-            .stdin(Stdio::null());
-        Ok(c)
+        self.command("vmcrypt")
     }
 
     fn run(&self, args: &[&str]) -> Result<Output> {

@@ -1,5 +1,6 @@
 //! Medians, ratios, targets, and their text and JSON forms.
 
+use crate::stats::median;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -116,19 +117,6 @@ pub struct Report {
     pub results: Vec<Cell>,
     pub ratios: Vec<Ratio>,
     pub targets: Vec<Target>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 impl Report {
@@ -366,17 +354,5 @@ fn kilo(v: f64) -> String {
         format!("{:.1}k", v / 1000.0)
     } else {
         format!("{v:.0}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::median;
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!(median(Vec::new()).is_nan());
     }
 }

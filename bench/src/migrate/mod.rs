@@ -469,48 +469,55 @@ fn check_proxy(p: &Guarded) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until something listens on 127.0.0.1:`port` (seen in
-/// /proc/net/tcp, without connecting: a connection would count as a
-/// migration connection).
-fn wait_listening(port: u16, p: &Guarded) -> anyhow::Result<()> {
-    let want = format!("0100007F:{port:04X}");
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        check_stop()?;
-        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        if table.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1] == want && f[3] == "0A"
-        }) {
-            return Ok(());
+/// A listening socket to wait for.
+enum Listening<'a> {
+    /// TCP on 127.0.0.1.
+    Loopback(u16),
+    /// A unix socket path.
+    Unix(&'a Path),
+}
+
+impl Listening<'_> {
+    /// Whether it is in the kernel's socket tables (looked up without
+    /// connecting, which would cost the program its one connection).
+    fn is_up(&self) -> bool {
+        match self {
+            Listening::Loopback(port) => {
+                let want = format!("0100007F:{port:04X}");
+                let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+                table.lines().skip(1).any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 3 && f[1] == want && f[3] == "0A"
+                })
+            }
+            Listening::Unix(path) => {
+                let want = path.display().to_string();
+                let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+                // Flags 00010000: __SO_ACCEPTCON, a listening socket.
+                table.lines().skip(1).any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 7 && f[3] == "00010000" && f[7] == want
+                })
+            }
         }
-        if let Some((_, how)) = peek_exit(p.pid()) {
-            bail!(
-                "{} exited before listening ({how}): {}",
-                p.name,
-                proc::last_line(&p.log).unwrap_or_else(|| "no output".into())
-            );
-        }
-        if Instant::now() >= end {
-            bail!("{} not listening on port {port} after 30 s", p.name);
-        }
-        proc::sleep(Duration::from_millis(10))?;
     }
 }
 
-/// Waits until something listens on the unix socket `path` (seen in
-/// /proc/net/unix, without connecting).
-fn wait_listening_unix(path: &Path, p: &Guarded) -> anyhow::Result<()> {
-    let want = path.display().to_string();
+impl std::fmt::Display for Listening<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listening::Loopback(port) => write!(f, "port {port}"),
+            Listening::Unix(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// Waits until `p` listens on `on`, failing early if `p` exits.
+fn wait_listening(on: Listening<'_>, p: &Guarded) -> anyhow::Result<()> {
     let end = Instant::now() + Duration::from_secs(30);
     loop {
         check_stop()?;
-        let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
-        // Flags 00010000: __SO_ACCEPTCON, a listening socket.
-        if table.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 7 && f[3] == "00010000" && f[7] == want
-        }) {
+        if on.is_up() {
             return Ok(());
         }
         if let Some((_, how)) = peek_exit(p.pid()) {
@@ -521,7 +528,7 @@ fn wait_listening_unix(path: &Path, p: &Guarded) -> anyhow::Result<()> {
             );
         }
         if Instant::now() >= end {
-            bail!("{} not listening on {} after 30 s", p.name, path.display());
+            bail!("{} not listening on {on} after 30 s", p.name);
         }
         proc::sleep(Duration::from_millis(10))?;
     }
@@ -585,7 +592,7 @@ fn start_proxies(
         &ctx.scratch.join(format!("{tag}-dst-proxy.log")),
         ctx.dst_cpu,
     )?;
-    wait_listening(p_dst, &dst)?;
+    wait_listening(Listening::Loopback(p_dst), &dst)?;
     let mut src = Command::new(bin);
     src.arg("source")
         .args(["--listen", &legs.src_listen])
@@ -600,8 +607,8 @@ fn start_proxies(
         ctx.src_cpu,
     )?;
     match &legs.src_unix {
-        Some(path) => wait_listening_unix(path, &src)?,
-        None => wait_listening(legs.src_listen_port, &src)?,
+        Some(path) => wait_listening(Listening::Unix(path), &src)?,
+        None => wait_listening(Listening::Loopback(legs.src_listen_port), &src)?,
     }
     Ok((src, dst))
 }

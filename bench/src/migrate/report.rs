@@ -1,5 +1,6 @@
 //! Medians, ratios, targets, and their text and JSON forms.
 
+use crate::stats::median;
 use std::fmt::Write;
 
 use serde::Serialize;
@@ -45,19 +46,6 @@ pub struct Report {
     pub rows: Vec<Row>,
     pub targets: Vec<Target>,
     pub samples: Vec<Sample>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 impl Report {
