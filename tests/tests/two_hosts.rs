@@ -25,7 +25,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use vmcrypt_tests::hosts::{HostsOptions, Relay, TwoHosts, SOCKET_DIR};
+use vmcrypt_tests::hosts::{Host, HostsOptions, Relay, TwoHosts, SOCKET_DIR};
 use vmcrypt_tests::libvirt_domain::TestDomain;
 use vmcrypt_tests::vmcrypt::{file_contains, sha256_prefix};
 
@@ -94,6 +94,18 @@ fn diagnostics(hosts: &TwoHosts) -> String {
     msg
 }
 
+/// The relays of migrations from `src` to `dst`: the source QEMU connects
+/// to 127.0.0.1:`mig` on `src`, which carries it to `dst`'s address at
+/// `wire`, which hands it to the destination QEMU on 127.0.0.1:`mig` there.
+/// Returns (the source's relay, the destination's).
+fn relays(src: &Host, dst: &Host, mig: u16, wire: u16) -> Result<(Relay, Relay)> {
+    let lo = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), mig);
+    let on_wire = SocketAddr::new(IpAddr::V4(dst.addr), wire);
+    let at_dst = Relay::start(dst, on_wire, dst, lo)?;
+    let at_src = Relay::start(src, lo, src, on_wire)?;
+    Ok((at_src, at_dst))
+}
+
 fn scenario(hosts: &TwoHosts, t0: Instant) -> Result<()> {
     let (a, b) = (hosts.a(), hosts.b());
 
@@ -139,33 +151,8 @@ fn scenario(hosts: &TwoHosts, t0: Instant) -> Result<()> {
     let blk_b = b.start_blk(&socket, &image, ["--num-queues", "1"])?;
 
     // Migrations go back and forth, each way through its own pair of relays.
-    let lo = |p| SocketAddr::new(IpAddr::from([127, 0, 0, 1]), p);
-    // A -> B: as before.
-    let relay_b = Relay::start(
-        b,
-        SocketAddr::new(IpAddr::V4(b.addr), WIRE_PORT),
-        b,
-        lo(MIGRATION_PORT),
-    )?;
-    let relay_a = Relay::start(
-        a,
-        lo(MIGRATION_PORT),
-        a,
-        SocketAddr::new(IpAddr::V4(b.addr), WIRE_PORT),
-    )?;
-    // B -> A: other ports.
-    let relay_a2 = Relay::start(
-        a,
-        SocketAddr::new(IpAddr::V4(a.addr), WIRE_PORT2),
-        a,
-        lo(MIGRATION_PORT2),
-    )?;
-    let relay_b2 = Relay::start(
-        b,
-        lo(MIGRATION_PORT2),
-        b,
-        SocketAddr::new(IpAddr::V4(a.addr), WIRE_PORT2),
-    )?;
+    let (relay_a, relay_b) = relays(a, b, MIGRATION_PORT, WIRE_PORT)?;
+    let (relay_b2, relay_a2) = relays(b, a, MIGRATION_PORT2, WIRE_PORT2)?;
 
     let legs: usize = std::env::var("TWO_HOSTS_LEGS")
         .ok()
