@@ -10,4 +10,5 @@ pub mod kms;
 pub mod logging;
 pub mod luks;
 pub mod policy;
+pub mod size;
 pub mod xts;

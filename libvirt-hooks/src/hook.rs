@@ -151,8 +151,7 @@ fn migrate_begin(xml: &str) -> Result<Option<String>, Refusal> {
         })?;
         if let Some(path) = forward.strip_prefix("unix:") {
             // QEMU will listen there; only our own directory is acceptable.
-            let hex_id = !ticket.id.is_empty() && ticket.id.chars().all(|c| c.is_ascii_hexdigit());
-            if !hex_id || std::path::Path::new(path) != paths::migrate_socket(&ticket.id) {
+            if paths::migrate_socket(&ticket.id).as_deref() != Some(std::path::Path::new(path)) {
                 return Err(refuse(format!(
                     "{why}: the migration ticket names an unexpected socket {path}"
                 )));
@@ -217,9 +216,8 @@ fn cleanup(guest: &str) {
         // drops a key armed for one that never came.
         let _ = control::call(&paths::migrate_control(), &req);
         // QEMU's listening socket of an incoming migration (unix transport).
-        let id = id.trim();
-        if !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()) {
-            let _ = fs::remove_file(paths::migrate_socket(id));
+        if let Some(socket) = paths::migrate_socket(id.trim()) {
+            let _ = fs::remove_file(socket);
         }
     }
     let _ = fs::remove_dir_all(&dir);

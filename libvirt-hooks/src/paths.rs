@@ -27,9 +27,13 @@ pub fn domain_dir(name: &str) -> PathBuf {
 /// `VMCRYPT_RUN_DIR`.
 pub const MIGRATE_SOCKET_DIR: &str = "/run/vmcrypt/migrate";
 
-/// The socket of migration `id` (a hex id) in [`MIGRATE_SOCKET_DIR`].
-pub fn migrate_socket(id: &str) -> PathBuf {
-    PathBuf::from(MIGRATE_SOCKET_DIR).join(format!("{id}.sock"))
+/// The socket of migration `id` in [`MIGRATE_SOCKET_DIR`]; `None` unless
+/// `id` is hex (ids come from tickets, and must not name other paths).
+pub fn migrate_socket(id: &str) -> Option<PathBuf> {
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(PathBuf::from(MIGRATE_SOCKET_DIR).join(format!("{id}.sock")))
 }
 
 /// Creates [`MIGRATE_SOCKET_DIR`] if needed, mode 1733: QEMU, which may
@@ -55,3 +59,19 @@ pub fn migrate_control() -> PathBuf {
 
 /// The migration daemon's network port on every host.
 pub const MIGRATE_PORT: u16 = 49200;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrate_sockets_only_for_hex_ids() {
+        assert_eq!(
+            migrate_socket("00ff"),
+            Some(PathBuf::from("/run/vmcrypt/migrate/00ff.sock"))
+        );
+        assert_eq!(migrate_socket(""), None);
+        assert_eq!(migrate_socket("../../etc/x"), None);
+        assert_eq!(migrate_socket("ab/cd"), None);
+    }
+}

@@ -187,7 +187,8 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
             let nonce_hex = hex::encode(vmcrypt_core::key::random_bytes(8)?.as_slice());
             let mut req = Request::new("arm-source");
             req.id = Some(id.clone());
-            let socket = paths::migrate_socket(&id);
+            let socket =
+                paths::migrate_socket(&id).context("internal: a migration id not in hex")?;
             req.listen = Some(match a.local_transport {
                 LocalTransport::Unix => {
                     paths::ensure_migrate_socket_dir()
