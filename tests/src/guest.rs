@@ -818,6 +818,13 @@ impl Qmp {
     /// the `"return"` value. Asynchronous events read meanwhile are kept for
     /// [`Qmp::events`]/[`Qmp::wait_event`].
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
+        self.execute_within(cmd, args, Duration::from_secs(120))
+    }
+
+    /// [`Qmp::execute`], failing if the answer takes longer than `timeout`
+    /// (a QEMU whose main loop is stuck never answers).
+    pub fn execute_within(&mut self, cmd: &str, args: Value, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
         let id = self.next_id;
         self.next_id += 1;
         let mut req = json!({ "execute": cmd, "id": id });
@@ -835,7 +842,9 @@ impl Qmp {
             .write_all(&data)
             .with_context(|| format!("QMP write to {}", self.path.display()))?;
         loop {
-            let msg = self.read_msg(None).with_context(|| format!("QMP {cmd}"))?;
+            let msg = self
+                .read_msg(Some(deadline))
+                .with_context(|| format!("QMP {cmd}"))?;
             if msg.get("event").is_some() {
                 self.events.push_back(msg);
                 continue;
@@ -1265,6 +1274,12 @@ impl Guest {
     /// returns its `"return"` value.
     pub fn qmp(&mut self, cmd: &str, args: Value) -> Result<Value> {
         let r = self.qmp_client()?.execute(cmd, args);
+        self.annotate(r)
+    }
+
+    /// [`Guest::qmp`] that gives up after `timeout`.
+    pub fn qmp_within(&mut self, cmd: &str, args: Value, timeout: Duration) -> Result<Value> {
+        let r = self.qmp_client()?.execute_within(cmd, args, timeout);
         self.annotate(r)
     }
 

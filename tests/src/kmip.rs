@@ -1,11 +1,9 @@
 //! A real PyKMIP key server for tests, with certificates made at test time.
 //!
-//! [`Pki::new`] makes, with the `openssl` CLI, a test CA, a server
+//! [`Pki::new`] makes (with `vmcrypt-testpki`) a test CA, a server
 //! certificate for 127.0.0.1/localhost, a client certificate (clientAuth,
 //! CN [`CLIENT_CN`]) and a second CA with its own client certificate (same
-//! CN) for the wrong-certificate tests. Keys are ECDSA P-256: PyKMIP's
-//! TLS1.2 suite only offers AES-GCM with ECDSA certificates (its RSA suites
-//! are CBC, which rustls does not implement).
+//! CN) for the wrong-certificate tests.
 //!
 //! [`PyKmipServer::start`] writes a `server.conf`, starts
 //! `pykmip-server -f server.conf -l server.log` on a free port and waits
@@ -24,9 +22,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use vmcrypt_core::kms::kmip::{KmipConfig, KmipProvider};
 use vmcrypt_core::kms::KeyProvider;
+use vmcrypt_testpki::{CertDir, Usage};
 
 use crate::guest::{ChildGuard, TempDir};
-use crate::vmcrypt::run_ok;
 
 /// The client certificates' Common Name (PyKMIP's object owner).
 pub const CLIENT_CN: &str = "vmcrypt-test-client";
@@ -56,31 +54,6 @@ pub fn pykmip_server() -> Result<PathBuf> {
     Ok(prog)
 }
 
-const OPENSSL_CNF: &str = "\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = unused
-[ca_ext]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign
-subjectKeyIdentifier = hash
-[server_ext]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature
-extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1,DNS:localhost
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-[client_ext]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature
-extendedKeyUsage = clientAuth
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-";
-
 /// Test certificates (PEM files in a temporary directory).
 pub struct Pki {
     dir: TempDir,
@@ -106,120 +79,28 @@ pub struct Pki {
     pub other_client_key: PathBuf,
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    run_ok(Command::new("openssl").current_dir(dir).args(args))
-        .map(|_| ())
-        .context("openssl (is the openssl package installed?)")
-}
-
-fn make_key(dir: &Path, name: &str) -> Result<()> {
-    openssl(
-        dir,
-        &[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            name,
-        ],
-    )
-}
-
-fn make_ca(dir: &Path, name: &str, cn: &str) -> Result<()> {
-    let key = format!("{name}.key");
-    make_key(dir, &key)?;
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-config",
-            "openssl.cnf",
-            "-extensions",
-            "ca_ext",
-            "-key",
-            &key,
-            "-subj",
-            &format!("/CN={cn}"),
-            "-days",
-            "3",
-            "-out",
-            &format!("{name}.pem"),
-        ],
-    )
-}
-
-fn make_leaf(dir: &Path, name: &str, ca: &str, cn: &str, ext: &str) -> Result<()> {
-    let key = format!("{name}.key");
-    let csr = format!("{name}.csr");
-    make_key(dir, &key)?;
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-config",
-            "openssl.cnf",
-            "-key",
-            &key,
-            "-subj",
-            &format!("/CN={cn}"),
-            "-out",
-            &csr,
-        ],
-    )?;
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-CAserial",
-            &format!("{ca}.srl"),
-            "-days",
-            "2",
-            "-extfile",
-            "openssl.cnf",
-            "-extensions",
-            ext,
-            "-out",
-            &format!("{name}.pem"),
-        ],
-    )
-}
-
 impl Pki {
     /// Makes all the certificates.
     pub fn new() -> Result<Pki> {
         let dir = TempDir::new("vmcrypt-pki")?;
-        let d = dir.path();
-        std::fs::write(d.join("openssl.cnf"), OPENSSL_CNF)?;
-        make_ca(d, "ca", "vmcrypt test CA")?;
-        make_leaf(d, "server", "ca", "127.0.0.1", "server_ext")?;
-        make_leaf(d, "client", "ca", CLIENT_CN, "client_ext")?;
-        make_leaf(d, "client2", "ca", CLIENT2_CN, "client_ext")?;
-        make_ca(d, "other-ca", "vmcrypt other test CA")?;
-        make_leaf(d, "other-client", "other-ca", CLIENT_CN, "client_ext")?;
+        let d = CertDir::new(dir.path())?;
+        d.ca("ca", "vmcrypt test CA")?;
+        d.leaf("server", "ca", "127.0.0.1", Usage::Server)?;
+        d.leaf("client", "ca", CLIENT_CN, Usage::Client)?;
+        d.leaf("client2", "ca", CLIENT2_CN, Usage::Client)?;
+        d.ca("other-ca", "vmcrypt other test CA")?;
+        d.leaf("other-client", "other-ca", CLIENT_CN, Usage::Client)?;
         Ok(Pki {
-            ca_cert: d.join("ca.pem"),
-            server_cert: d.join("server.pem"),
-            server_key: d.join("server.key"),
-            client_cert: d.join("client.pem"),
-            client_key: d.join("client.key"),
-            client2_cert: d.join("client2.pem"),
-            client2_key: d.join("client2.key"),
-            other_ca_cert: d.join("other-ca.pem"),
-            other_client_cert: d.join("other-client.pem"),
-            other_client_key: d.join("other-client.key"),
+            ca_cert: d.cert("ca"),
+            server_cert: d.cert("server"),
+            server_key: d.key("server"),
+            client_cert: d.cert("client"),
+            client_key: d.key("client"),
+            client2_cert: d.cert("client2"),
+            client2_key: d.key("client2"),
+            other_ca_cert: d.cert("other-ca"),
+            other_client_cert: d.cert("other-client"),
+            other_client_key: d.key("other-client"),
             dir,
         })
     }

@@ -357,7 +357,12 @@ pub fn wait_migration(src: &mut Guest, timeout: Duration) -> Result<Value> {
 
 /// The QMP `status` of a VM (`running`, `postmigrate`, `inmigrate`, ...).
 pub fn vm_status(g: &mut Guest) -> Result<String> {
-    let s = g.qmp("query-status", Value::Null)?;
+    vm_status_within(g, Duration::from_secs(120))
+}
+
+/// [`vm_status`], giving up after `timeout`.
+pub fn vm_status_within(g: &mut Guest, timeout: Duration) -> Result<String> {
+    let s = g.qmp_within("query-status", Value::Null, timeout)?;
     Ok(s["status"].as_str().unwrap_or("").to_string())
 }
 
@@ -557,4 +562,78 @@ pub fn check_guest(g: &mut Guest, mem: &GuestMemory, counter_before: u64) -> Res
     let c2 = read_counter(g)?;
     ensure!(c2 > c1, "the counter stopped ({c1} -> {c2})");
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// QEMU TCG's lost-write race
+// ---------------------------------------------------------------------------
+
+/// Lines of a guest kernel that crashed.
+const GUEST_CRASH: [&str; 3] = ["Kernel panic", "Oops: ", "BUG: "];
+
+/// Whether `e` (with the console tail it carries) shows that a guest's
+/// kernel crashed.
+pub fn guest_kernel_crashed(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    GUEST_CRASH.iter().any(|l| text.contains(l))
+}
+
+/// Runs `body` once more if the first run failed because a migrated
+/// guest's kernel crashed, and says so loudly.
+///
+/// Why: under TCG (all these tests; nested KVM is not available here) QEMU
+/// can lose a guest write while a migration clears its dirty bitmap: the
+/// race between `notdirty_write()` and `cpu_physical_memory_test_and_clear_dirty()`
+/// described in "accel/tcg: Fix TCG TLB coherency race with physical dirty
+/// bit clearing" (N. Piggin, qemu-devel, 2024-02-20; not in QEMU 7.2). The
+/// destination then resumes with one stale page, and about 1 migration in
+/// 100 of an idle guest crashes in its idle task (docs/testing.md). The
+/// proxies cannot cause it: each connection's stream is authenticated frame
+/// by frame, in order, to its END. A real defect fails both runs.
+pub fn retry_if_guest_crashed(test: &str, mut body: impl FnMut(u32) -> Result<()>) -> Result<()> {
+    match body(1) {
+        Err(e) if guest_kernel_crashed(&e) => {
+            eprintln!(
+                "{test}: the migrated guest's kernel crashed (QEMU TCG lost-write race, \
+                 see docs/testing.md); running the test once more. First failure:\n{e:#}"
+            );
+            body(2).context("the migrated guest crashed, and again on the second run")
+        }
+        r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_oops_is_recognised_and_other_failures_are_not() {
+        let oops = anyhow!("console tail:\n  | [ 5.7] Oops: 0010 [#1] PREEMPT SMP NOPTI")
+            .context("guest command timed out");
+        assert!(guest_kernel_crashed(&oops));
+        let other = anyhow!("guest files changed: sha256 mismatch");
+        assert!(!guest_kernel_crashed(&other));
+    }
+
+    #[test]
+    fn only_a_guest_crash_earns_a_second_run() {
+        let mut runs = 0;
+        let r = retry_if_guest_crashed("t", |_| {
+            runs += 1;
+            bail!("the marker crossed the network in clear")
+        });
+        assert!(r.is_err());
+        assert_eq!(runs, 1);
+        let mut runs = 0;
+        let r = retry_if_guest_crashed("t", |n| {
+            runs += 1;
+            ensure!(n == 2, "Kernel panic - not syncing");
+            Ok(())
+        });
+        assert!(r.is_ok());
+        assert_eq!(runs, 2);
+        let r = retry_if_guest_crashed("t", |_| bail!("Kernel panic - not syncing"));
+        assert!(r.is_err());
+    }
 }

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use vmcrypt_tests::guest::{Guest, QemuConfig, TempDir};
 use vmcrypt_tests::migration::{
-    check_guest, migrate_through, new_marker, prepare_guest, read_counter, vm_status, wait_status,
-    Arming, GuestMemory, Hop, MigOpts,
+    check_guest, migrate_through, new_marker, prepare_guest, read_counter, retry_if_guest_crashed,
+    vm_status, vm_status_within, wait_status, Arming, GuestMemory, Hop, MigOpts,
 };
 use vmcrypt_tests::netrelay::{parse_frames, Fault, HELLO_LEN};
 
@@ -32,6 +32,8 @@ const CONFIRM: u8 = 3;
 /// Every migration must carry at least the two files through the relay.
 const MIN_STREAM: usize = 20 << 20;
 const PROXY_EXIT: Duration = Duration::from_secs(40);
+/// How long a failed destination may take to answer QMP.
+const DEST_QMP: Duration = Duration::from_secs(15);
 
 fn cfg(name: &str) -> QemuConfig {
     QemuConfig::new().name(name).memory_mib(256).cpus(1)
@@ -180,10 +182,12 @@ fn expect_failure(hop: &mut Hop, src: &mut Guest, mem: &GuestMemory) -> Result<(
         out.starts_with(&mem.random_sha),
         "source memory changed: {out}"
     );
-    // The destination never resumed (it may have exited).
+    // The destination never resumed (it may have exited). QEMU 7.2's main
+    // loop can stay stuck after a failed multifd migration: do not wait for
+    // its QMP the full 2 minutes.
     std::thread::sleep(Duration::from_millis(300));
     if hop.dst.is_running() {
-        match vm_status(&mut hop.dst) {
+        match vm_status_within(&mut hop.dst, DEST_QMP) {
             Ok(st) => {
                 ensure!(
                     st != "running",
@@ -242,103 +246,113 @@ fn migrate_ok(
 
 #[test]
 fn encrypted_migration_keeps_memory_and_hides_marker() -> Result<()> {
-    let dir = TempDir::new("mp-enc")?;
-    let (mut src, mem) = boot_source("enc-src")?;
-    migrate_ok(&dir, "enc-dst", &mut src, &mem, &MigOpts::default())?;
-    Ok(())
+    retry_if_guest_crashed("encrypted_migration_keeps_memory_and_hides_marker", |_| {
+        let dir = TempDir::new("mp-enc")?;
+        let (mut src, mem) = boot_source("enc-src")?;
+        migrate_ok(&dir, "enc-dst", &mut src, &mem, &MigOpts::default())?;
+        Ok(())
+    })
 }
 
 #[test]
 fn encrypted_multifd_migration() -> Result<()> {
-    let dir = TempDir::new("mp-mfd")?;
-    let (mut src, mem) = boot_source("mfd-src")?;
-    let opts = MigOpts {
-        multifd_channels: Some(2),
-        return_path: false,
-    };
-    let hop = migrate_ok(&dir, "mfd-dst", &mut src, &mem, &opts)?;
-    let conns = hop.relay.conns();
-    ensure!(
-        conns.len() == 3,
-        "expected the main channel and 2 multifd channels\n{}",
-        hop.relay.describe()
-    );
-    // The pages went over the multifd channels. QEMU opens its channels
-    // concurrently, so which connection is the main one varies: count.
-    let busy = conns.iter().filter(|c| c.c2s_len() >= 4 << 20).count();
-    ensure!(
-        busy >= 2,
-        "expected 2 multifd channels carrying the pages\n{}",
-        hop.relay.describe()
-    );
-    Ok(())
+    retry_if_guest_crashed("encrypted_multifd_migration", |_| {
+        let dir = TempDir::new("mp-mfd")?;
+        let (mut src, mem) = boot_source("mfd-src")?;
+        let opts = MigOpts {
+            multifd_channels: Some(2),
+            return_path: false,
+        };
+        let hop = migrate_ok(&dir, "mfd-dst", &mut src, &mem, &opts)?;
+        let conns = hop.relay.conns();
+        ensure!(
+            conns.len() == 3,
+            "expected the main channel and 2 multifd channels\n{}",
+            hop.relay.describe()
+        );
+        // The pages went over the multifd channels. QEMU opens its channels
+        // concurrently, so which connection is the main one varies: count.
+        let busy = conns.iter().filter(|c| c.c2s_len() >= 4 << 20).count();
+        ensure!(
+            busy >= 2,
+            "expected 2 multifd channels carrying the pages\n{}",
+            hop.relay.describe()
+        );
+        Ok(())
+    })
 }
 
 #[test]
 fn encrypted_return_path_migration() -> Result<()> {
-    let dir = TempDir::new("mp-rp")?;
-    let (mut src, mem) = boot_source("rp-src")?;
-    let opts = MigOpts {
-        multifd_channels: None,
-        return_path: true,
-    };
-    let hop = migrate_ok(&dir, "rp-dst", &mut src, &mem, &opts)?;
-    // The return path carried messages, encrypted, back to the source.
-    let c = hop.relay.conn(0).context("no connection")?;
-    let s2c = parse_frames(&c.s2c())?;
-    ensure!(
-        s2c.iter().any(|f| f.ty == DATA),
-        "no return-path data frames came back\n{}",
-        hop.relay.describe()
-    );
-    Ok(())
+    retry_if_guest_crashed("encrypted_return_path_migration", |_| {
+        let dir = TempDir::new("mp-rp")?;
+        let (mut src, mem) = boot_source("rp-src")?;
+        let opts = MigOpts {
+            multifd_channels: None,
+            return_path: true,
+        };
+        let hop = migrate_ok(&dir, "rp-dst", &mut src, &mem, &opts)?;
+        // The return path carried messages, encrypted, back to the source.
+        let c = hop.relay.conn(0).context("no connection")?;
+        let s2c = parse_frames(&c.s2c())?;
+        ensure!(
+            s2c.iter().any(|f| f.ty == DATA),
+            "no return-path data frames came back\n{}",
+            hop.relay.describe()
+        );
+        Ok(())
+    })
 }
 
 #[test]
 fn disabled_migrates_plain_and_capture_shows_marker() -> Result<()> {
-    let dir = TempDir::new("mp-dis")?;
-    let (mut src, mem) = boot_source("dis-src")?;
-    let arm = Arming::plain("disabled")?;
-    let before = read_counter(&mut src)?;
-    let mut hop = migrate_through(
-        dir.path(),
-        "dis-dst",
-        &mut src,
-        &cfg("dis-dst"),
-        &arm,
-        &arm,
-        &MigOpts::default(),
-        pass,
-    )?;
-    report("dis-dst", &hop);
-    expect_success(&mut hop, &mut src, &mem, before, false)?;
-    let c = hop.relay.conn(0).context("no connection")?;
-    ensure!(
-        c.c2s()[9] == 0,
-        "hello of a disabled migration is not plain"
-    );
-    Ok(())
+    retry_if_guest_crashed("disabled_migrates_plain_and_capture_shows_marker", |_| {
+        let dir = TempDir::new("mp-dis")?;
+        let (mut src, mem) = boot_source("dis-src")?;
+        let arm = Arming::plain("disabled")?;
+        let before = read_counter(&mut src)?;
+        let mut hop = migrate_through(
+            dir.path(),
+            "dis-dst",
+            &mut src,
+            &cfg("dis-dst"),
+            &arm,
+            &arm,
+            &MigOpts::default(),
+            pass,
+        )?;
+        report("dis-dst", &hop);
+        expect_success(&mut hop, &mut src, &mem, before, false)?;
+        let c = hop.relay.conn(0).context("no connection")?;
+        ensure!(
+            c.c2s()[9] == 0,
+            "hello of a disabled migration is not plain"
+        );
+        Ok(())
+    })
 }
 
 #[test]
 fn opportunistic_without_key_migrates_plain() -> Result<()> {
-    let dir = TempDir::new("mp-opp")?;
-    let (mut src, mem) = boot_source("opp-src")?;
-    let arm = Arming::plain("opportunistic")?;
-    let before = read_counter(&mut src)?;
-    let mut hop = migrate_through(
-        dir.path(),
-        "opp-dst",
-        &mut src,
-        &cfg("opp-dst"),
-        &arm,
-        &arm,
-        &MigOpts::default(),
-        pass,
-    )?;
-    report("opp-dst", &hop);
-    expect_success(&mut hop, &mut src, &mem, before, false)?;
-    Ok(())
+    retry_if_guest_crashed("opportunistic_without_key_migrates_plain", |_| {
+        let dir = TempDir::new("mp-opp")?;
+        let (mut src, mem) = boot_source("opp-src")?;
+        let arm = Arming::plain("opportunistic")?;
+        let before = read_counter(&mut src)?;
+        let mut hop = migrate_through(
+            dir.path(),
+            "opp-dst",
+            &mut src,
+            &cfg("opp-dst"),
+            &arm,
+            &arm,
+            &MigOpts::default(),
+            pass,
+        )?;
+        report("opp-dst", &hop);
+        expect_success(&mut hop, &mut src, &mem, before, false)?;
+        Ok(())
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -410,31 +424,35 @@ fn tamper_then_migrate_again<F>(test: &str, fault_plan: F, opts: &MigOpts) -> Re
 where
     F: Fn(usize) -> Fault + Send + Sync + 'static,
 {
-    let dir = TempDir::new("mp-tamper")?;
-    let (mut src, mem) = boot_source(&format!("{test}-src"))?;
-    let arm = Arming::encrypted(dir.path(), "t.key", "required")?;
-    let name = format!("{test}-bad");
-    let mut hop = migrate_through(
-        dir.path(),
-        &name,
-        &mut src,
-        &cfg(&name),
-        &arm,
-        &arm,
-        opts,
-        fault_plan,
-    )?;
-    report(&name, &hop);
-    ensure!(
-        hop.relay.conns().iter().any(|c| c.fault_applied()),
-        "the fault was never applied (stream too short?)\n{}",
-        hop.describe()
-    );
-    expect_failure(&mut hop, &mut src, &mem)?;
-    ensure!(!hop.relay.contains(mem.marker.as_bytes()));
-    drop(hop);
-    migrate_ok(&dir, &format!("{test}-again"), &mut src, &mem, opts)?;
-    Ok(())
+    let fault_plan = Arc::new(fault_plan);
+    retry_if_guest_crashed(test, |_| {
+        let plan = fault_plan.clone();
+        let dir = TempDir::new("mp-tamper")?;
+        let (mut src, mem) = boot_source(&format!("{test}-src"))?;
+        let arm = Arming::encrypted(dir.path(), "t.key", "required")?;
+        let name = format!("{test}-bad");
+        let mut hop = migrate_through(
+            dir.path(),
+            &name,
+            &mut src,
+            &cfg(&name),
+            &arm,
+            &arm,
+            opts,
+            move |i| plan(i),
+        )?;
+        report(&name, &hop);
+        ensure!(
+            hop.relay.conns().iter().any(|c| c.fault_applied()),
+            "the fault was never applied (stream too short?)\n{}",
+            hop.describe()
+        );
+        expect_failure(&mut hop, &mut src, &mem)?;
+        ensure!(!hop.relay.contains(mem.marker.as_bytes()));
+        drop(hop);
+        migrate_ok(&dir, &format!("{test}-again"), &mut src, &mem, opts)?;
+        Ok(())
+    })
 }
 
 #[test]
@@ -499,55 +517,60 @@ fn tamper_reordered_frames_fail_and_source_migrates_again() -> Result<()> {
 
 #[test]
 fn tamper_replayed_recording_fails_and_source_migrates_again() -> Result<()> {
-    let dir = TempDir::new("mp-replay")?;
-    let (mut a, mem) = boot_source("replay-a")?;
-    // 1. A recorded encrypted migration A -> B.
-    let arm = Arming::encrypted(dir.path(), "replay.key", "required")?;
-    let before = read_counter(&mut a)?;
-    let mut rec_hop = migrate_through(
-        dir.path(),
-        "replay-b",
-        &mut a,
-        &cfg("replay-b"),
-        &arm,
-        &arm,
-        &MigOpts::default(),
-        pass,
-    )?;
-    report("replay-b (recorded)", &rec_hop);
-    expect_success(&mut rec_hop, &mut a, &mem, before, true)?;
-    let recording = Arc::new(rec_hop.relay.conn(0).context("no connection")?.c2s());
-    drop(a);
-    let Hop { dst: mut b, .. } = rec_hop;
+    retry_if_guest_crashed(
+        "tamper_replayed_recording_fails_and_source_migrates_again",
+        |_| {
+            let dir = TempDir::new("mp-replay")?;
+            let (mut a, mem) = boot_source("replay-a")?;
+            // 1. A recorded encrypted migration A -> B.
+            let arm = Arming::encrypted(dir.path(), "replay.key", "required")?;
+            let before = read_counter(&mut a)?;
+            let mut rec_hop = migrate_through(
+                dir.path(),
+                "replay-b",
+                &mut a,
+                &cfg("replay-b"),
+                &arm,
+                &arm,
+                &MigOpts::default(),
+                pass,
+            )?;
+            report("replay-b (recorded)", &rec_hop);
+            expect_success(&mut rec_hop, &mut a, &mem, before, true)?;
+            let recording = Arc::new(rec_hop.relay.conn(0).context("no connection")?.c2s());
+            drop(a);
+            let Hop { dst: mut b, .. } = rec_hop;
 
-    // 2. B -> C armed exactly as before (same key, nonce and id): the
-    // network replays the recorded stream instead of B's.
-    let rec = recording.clone();
-    let mut hop = migrate_through(
-        dir.path(),
-        "replay-c",
-        &mut b,
-        &cfg("replay-c"),
-        &arm,
-        &arm,
-        &MigOpts::default(),
-        move |i| {
-            if i == 0 {
-                Fault::Replay(rec.clone())
-            } else {
-                Fault::Pass
-            }
+            // 2. B -> C armed exactly as before (same key, nonce and id): the
+            // network replays the recorded stream instead of B's.
+            let rec = recording.clone();
+            let mut hop = migrate_through(
+                dir.path(),
+                "replay-c",
+                &mut b,
+                &cfg("replay-c"),
+                &arm,
+                &arm,
+                &MigOpts::default(),
+                move |i| {
+                    if i == 0 {
+                        Fault::Replay(rec.clone())
+                    } else {
+                        Fault::Pass
+                    }
+                },
+            )?;
+            report("replay-c (replayed)", &hop);
+            expect_failure(&mut hop, &mut b, &mem)?;
+            let c = hop.relay.conn(0).context("no connection")?;
+            ensure!(c.fault_applied() && c.forwarded_c2s() > HELLO_LEN as u64);
+            drop(hop);
+
+            // 3. B migrates again, cleanly.
+            migrate_ok(&dir, "replay-d", &mut b, &mem, &MigOpts::default())?;
+            Ok(())
         },
-    )?;
-    report("replay-c (replayed)", &hop);
-    expect_failure(&mut hop, &mut b, &mem)?;
-    let c = hop.relay.conn(0).context("no connection")?;
-    ensure!(c.fault_applied() && c.forwarded_c2s() > HELLO_LEN as u64);
-    drop(hop);
-
-    // 3. B migrates again, cleanly.
-    migrate_ok(&dir, "replay-d", &mut b, &mem, &MigOpts::default())?;
-    Ok(())
+    )
 }
 
 /// The network forwards 1 MB, then ends both directions with a FIN but goes
