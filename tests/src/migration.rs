@@ -586,10 +586,13 @@ pub fn guest_kernel_crashed(e: &anyhow::Error) -> bool {
 /// race between `notdirty_write()` and `cpu_physical_memory_test_and_clear_dirty()`
 /// described in "accel/tcg: Fix TCG TLB coherency race with physical dirty
 /// bit clearing" (N. Piggin, qemu-devel, 2024-02-20; not in QEMU 7.2). The
-/// destination then resumes with one stale page, and about 1 migration in
-/// 100 of an idle guest crashes in its idle task (docs/testing.md). The
-/// proxies cannot cause it: each connection's stream is authenticated frame
-/// by frame, in order, to its END. A real defect fails both runs.
+/// destination then resumes with one stale page, and now and then (1 in
+/// 235 idle-guest migrations in the stress tool) the guest crashes in its
+/// idle task (docs/testing.md: the evidence, and why this is the likely
+/// cause, not a proven one). The proxies cannot cause it: each connection's
+/// stream is authenticated frame by frame, in order, to its END. A defect
+/// that corrupts memory would not stop at one run in hundreds; it fails
+/// both runs.
 pub fn retry_if_guest_crashed(test: &str, mut body: impl FnMut(u32) -> Result<()>) -> Result<()> {
     match body(1) {
         Err(e) if guest_kernel_crashed(&e) => {
