@@ -246,7 +246,7 @@ fn migrate_ok(
 
 #[test]
 fn encrypted_migration_keeps_memory_and_hides_marker() -> Result<()> {
-    retry_if_guest_crashed("encrypted_migration_keeps_memory_and_hides_marker", |_| {
+    retry_if_guest_crashed("encrypted_migration_keeps_memory_and_hides_marker", || {
         let dir = TempDir::new("mp-enc")?;
         let (mut src, mem) = boot_source("enc-src")?;
         migrate_ok(&dir, "enc-dst", &mut src, &mem, &MigOpts::default())?;
@@ -256,7 +256,7 @@ fn encrypted_migration_keeps_memory_and_hides_marker() -> Result<()> {
 
 #[test]
 fn encrypted_multifd_migration() -> Result<()> {
-    retry_if_guest_crashed("encrypted_multifd_migration", |_| {
+    retry_if_guest_crashed("encrypted_multifd_migration", || {
         let dir = TempDir::new("mp-mfd")?;
         let (mut src, mem) = boot_source("mfd-src")?;
         let opts = MigOpts {
@@ -284,7 +284,7 @@ fn encrypted_multifd_migration() -> Result<()> {
 
 #[test]
 fn encrypted_return_path_migration() -> Result<()> {
-    retry_if_guest_crashed("encrypted_return_path_migration", |_| {
+    retry_if_guest_crashed("encrypted_return_path_migration", || {
         let dir = TempDir::new("mp-rp")?;
         let (mut src, mem) = boot_source("rp-src")?;
         let opts = MigOpts {
@@ -306,7 +306,7 @@ fn encrypted_return_path_migration() -> Result<()> {
 
 #[test]
 fn disabled_migrates_plain_and_capture_shows_marker() -> Result<()> {
-    retry_if_guest_crashed("disabled_migrates_plain_and_capture_shows_marker", |_| {
+    retry_if_guest_crashed("disabled_migrates_plain_and_capture_shows_marker", || {
         let dir = TempDir::new("mp-dis")?;
         let (mut src, mem) = boot_source("dis-src")?;
         let arm = Arming::plain("disabled")?;
@@ -334,7 +334,7 @@ fn disabled_migrates_plain_and_capture_shows_marker() -> Result<()> {
 
 #[test]
 fn opportunistic_without_key_migrates_plain() -> Result<()> {
-    retry_if_guest_crashed("opportunistic_without_key_migrates_plain", |_| {
+    retry_if_guest_crashed("opportunistic_without_key_migrates_plain", || {
         let dir = TempDir::new("mp-opp")?;
         let (mut src, mem) = boot_source("opp-src")?;
         let arm = Arming::plain("opportunistic")?;
@@ -425,7 +425,7 @@ where
     F: Fn(usize) -> Fault + Send + Sync + 'static,
 {
     let fault_plan = Arc::new(fault_plan);
-    retry_if_guest_crashed(test, |_| {
+    retry_if_guest_crashed(test, || {
         let plan = fault_plan.clone();
         let dir = TempDir::new("mp-tamper")?;
         let (mut src, mem) = boot_source(&format!("{test}-src"))?;
@@ -519,7 +519,7 @@ fn tamper_reordered_frames_fail_and_source_migrates_again() -> Result<()> {
 fn tamper_replayed_recording_fails_and_source_migrates_again() -> Result<()> {
     retry_if_guest_crashed(
         "tamper_replayed_recording_fails_and_source_migrates_again",
-        |_| {
+        || {
             let dir = TempDir::new("mp-replay")?;
             let (mut a, mem) = boot_source("replay-a")?;
             // 1. A recorded encrypted migration A -> B.
