@@ -25,6 +25,7 @@ use vmcrypt_tests::guest::Console;
 use vmcrypt_tests::hosts::{Host, HostsOptions, Relay, TwoHosts};
 use vmcrypt_tests::kmip::{free_port, Pki, PyKmipServer};
 use vmcrypt_tests::libvirt_domain::TestDomain;
+use vmcrypt_tests::migration::retry_if_guest_crashed;
 use vmcrypt_tests::netns::Bridge;
 use vmcrypt_tests::netrelay::{Fault, NetRelay};
 use vmcrypt_tests::vmcrypt::{bin, file_contains};
@@ -191,6 +192,14 @@ fn migrate_args<'a>(dom: &'a str, dst: &'a str, extra: &[&'a str]) -> Vec<&'a st
 
 #[test]
 fn encrypted_vm_on_the_embedded_provider() -> Result<()> {
+    // A guest kernel crash after migration earns one more run: docs/testing.md.
+    retry_if_guest_crashed(
+        "encrypted_vm_on_the_embedded_provider",
+        encrypted_vm_on_the_embedded_provider_once,
+    )
+}
+
+fn encrypted_vm_on_the_embedded_provider_once() -> Result<()> {
     let t0 = Instant::now();
     let hosts = hosts()?;
     let (a, b) = (hosts.a(), hosts.b());
@@ -345,6 +354,14 @@ fn encrypted_vm_on_the_embedded_provider() -> Result<()> {
 
 #[test]
 fn policies_with_and_without_the_destination_proxy() -> Result<()> {
+    // A guest kernel crash after migration earns one more run: docs/testing.md.
+    retry_if_guest_crashed(
+        "policies_with_and_without_the_destination_proxy",
+        policies_with_and_without_the_destination_proxy_once,
+    )
+}
+
+fn policies_with_and_without_the_destination_proxy_once() -> Result<()> {
     let t0 = Instant::now();
     let hosts = hosts()?;
     let (a, b) = (hosts.a(), hosts.b());
@@ -443,6 +460,14 @@ fn policies_with_and_without_the_destination_proxy() -> Result<()> {
 
 #[test]
 fn encrypted_vm_on_a_kmip_server() -> Result<()> {
+    // A guest kernel crash after migration earns one more run: docs/testing.md.
+    retry_if_guest_crashed(
+        "encrypted_vm_on_a_kmip_server",
+        encrypted_vm_on_a_kmip_server_once,
+    )
+}
+
+fn encrypted_vm_on_a_kmip_server_once() -> Result<()> {
     let t0 = Instant::now();
     let pki = Pki::new()?;
     let server = PyKmipServer::start(&pki)?;
