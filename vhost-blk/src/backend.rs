@@ -36,6 +36,12 @@ pub struct DeviceOptions {
     pub queue_size: u16,
 }
 
+/// Whether QEMU asked us to log the guest pages we write (it sets
+/// `VHOST_F_LOG_ALL` for the duration of a migration).
+fn logs_dirty_pages(acked_features: u64) -> bool {
+    acked_features & VHOST_F_LOG_ALL != 0
+}
+
 /// The backend for one frontend connection.
 pub struct BlkBackend {
     disk: Arc<Disk>,
@@ -43,6 +49,8 @@ pub struct BlkBackend {
     workers: Vec<Mutex<Worker>>,
     mem: GuestMemAtomic,
     event_idx: AtomicBool,
+    /// QEMU has asked for dirty logging (a migration is running).
+    logging: AtomicBool,
     config: [u8; CONFIG_LEN],
 }
 
@@ -63,6 +71,7 @@ impl BlkBackend {
             workers,
             mem,
             event_idx: AtomicBool::new(false),
+            logging: AtomicBool::new(false),
             config,
         })
     }
@@ -133,9 +142,32 @@ impl VhostUserBackend for BlkBackend {
         self.event_idx.store(enabled, Ordering::Release);
     }
 
+    fn acked_features(&self, features: u64) {
+        let logging = logs_dirty_pages(features);
+        if self.logging.swap(logging, Ordering::AcqRel) != logging {
+            tracing::info!(
+                logging,
+                "dirty-page logging {} (QEMU migration)",
+                if logging { "on" } else { "off" }
+            );
+        }
+    }
+
     fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
         // `self.mem` is the same GuestMemoryAtomic the daemon updates; the
         // workers load the new table at their next event.
+        if self.logging.load(Ordering::Acquire) {
+            // vhost-user-backend 0.24 attaches QEMU's dirty log to the
+            // regions that exist at SET_LOG_BASE only; a table changed
+            // after it (QEMU does not always send SET_LOG_BASE again) has
+            // no log, and we cannot re-attach it from here. Rare (the
+            // guest's RAM map rarely changes mid-migration), but say so.
+            tracing::warn!(
+                "the guest memory table changed while QEMU logs dirty pages for a migration: \
+                 guest RAM this disk fills from now on is not logged and may not reach the \
+                 destination (vhost-user-backend 0.24 limitation; see the README's Known issues)"
+            );
+        }
         Ok(())
     }
 
@@ -243,6 +275,12 @@ mod tests {
     use super::*;
     use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    #[test]
+    fn dirty_logging_follows_log_all() {
+        assert!(!logs_dirty_pages(1 << VIRTIO_F_VERSION_1));
+        assert!(logs_dirty_pages(VHOST_F_LOG_ALL | 1 << VIRTIO_F_VERSION_1));
+    }
 
     #[test]
     fn next_used_follows_the_ring_after_a_rollback() {
