@@ -462,6 +462,27 @@ where
     })
 }
 
+/// The guest of the migration tests: 256 MiB of RAM, one vCPU.
+pub fn guest_config(name: &str) -> QemuConfig {
+    QemuConfig::new().name(name).memory_mib(256).cpus(1)
+}
+
+/// [`migrate_through`] to a new [`guest_config`] guest `name`, with both
+/// proxies armed alike.
+pub fn migrate_armed<F>(
+    dir: &Path,
+    name: &str,
+    src: &mut Guest,
+    arm: &Arming,
+    opts: &MigOpts,
+    plan: F,
+) -> Result<Hop>
+where
+    F: Fn(usize) -> Fault + Send + Sync + 'static,
+{
+    migrate_through(dir, name, src, &guest_config(name), arm, arm, opts, plan)
+}
+
 // ---------------------------------------------------------------------------
 // The guest's memory
 // ---------------------------------------------------------------------------

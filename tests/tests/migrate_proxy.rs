@@ -18,10 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use vmcrypt_tests::guest::{Guest, QemuConfig, TempDir};
+use vmcrypt_tests::guest::{Guest, TempDir};
 use vmcrypt_tests::migration::{
-    check_guest, migrate_through, new_marker, prepare_guest, read_counter, retry_if_guest_crashed,
-    vm_status, vm_status_within, wait_status, Arming, GuestMemory, Hop, MigOpts,
+    check_guest, guest_config, migrate_armed, migrate_through, new_marker, prepare_guest,
+    read_counter, retry_if_guest_crashed, vm_status, vm_status_within, wait_status, Arming,
+    GuestMemory, Hop, MigOpts,
 };
 use vmcrypt_tests::netrelay::{parse_frames, Fault, HELLO_LEN};
 
@@ -35,14 +36,10 @@ const PROXY_EXIT: Duration = Duration::from_secs(40);
 /// How long a failed destination may take to answer QMP.
 const DEST_QMP: Duration = Duration::from_secs(15);
 
-fn cfg(name: &str) -> QemuConfig {
-    QemuConfig::new().name(name).memory_mib(256).cpus(1)
-}
-
 /// Boots the source guest and fills its memory.
 fn boot_source(name: &str) -> Result<(Guest, GuestMemory)> {
     let t = Instant::now();
-    let mut g = Guest::boot(&cfg(name))?;
+    let mut g = Guest::boot(&guest_config(name))?;
     let mem = prepare_guest(&mut g, &new_marker()?)?;
     eprintln!(
         "{name}: booted and prepared in {:.1}s",
@@ -234,7 +231,7 @@ fn migrate_ok(
 ) -> Result<Hop> {
     let arm = Arming::encrypted(dir.path(), &format!("{name}.key"), "required")?;
     let before = read_counter(src)?;
-    let mut hop = migrate_through(dir.path(), name, src, &cfg(name), &arm, &arm, opts, pass)?;
+    let mut hop = migrate_armed(dir.path(), name, src, &arm, opts, pass)?;
     report(name, &hop);
     expect_success(&mut hop, src, mem, before, true)?;
     Ok(hop)
@@ -304,25 +301,23 @@ fn encrypted_return_path_migration() -> Result<()> {
     })
 }
 
+/// One successful plain migration, the proxies armed with `mode` and no key.
+fn migrate_plain_ok(tag: &str, mode: &str) -> Result<Hop> {
+    let dir = TempDir::new(&format!("mp-{tag}"))?;
+    let (mut src, mem) = boot_source(&format!("{tag}-src"))?;
+    let arm = Arming::plain(mode)?;
+    let before = read_counter(&mut src)?;
+    let name = format!("{tag}-dst");
+    let mut hop = migrate_armed(dir.path(), &name, &mut src, &arm, &MigOpts::default(), pass)?;
+    report(&name, &hop);
+    expect_success(&mut hop, &mut src, &mem, before, false)?;
+    Ok(hop)
+}
+
 #[test]
 fn disabled_migrates_plain_and_capture_shows_marker() -> Result<()> {
     retry_if_guest_crashed("disabled_migrates_plain_and_capture_shows_marker", || {
-        let dir = TempDir::new("mp-dis")?;
-        let (mut src, mem) = boot_source("dis-src")?;
-        let arm = Arming::plain("disabled")?;
-        let before = read_counter(&mut src)?;
-        let mut hop = migrate_through(
-            dir.path(),
-            "dis-dst",
-            &mut src,
-            &cfg("dis-dst"),
-            &arm,
-            &arm,
-            &MigOpts::default(),
-            pass,
-        )?;
-        report("dis-dst", &hop);
-        expect_success(&mut hop, &mut src, &mem, before, false)?;
+        let hop = migrate_plain_ok("dis", "disabled")?;
         let c = hop.relay.conn(0).context("no connection")?;
         ensure!(
             c.c2s()[9] == 0,
@@ -335,23 +330,7 @@ fn disabled_migrates_plain_and_capture_shows_marker() -> Result<()> {
 #[test]
 fn opportunistic_without_key_migrates_plain() -> Result<()> {
     retry_if_guest_crashed("opportunistic_without_key_migrates_plain", || {
-        let dir = TempDir::new("mp-opp")?;
-        let (mut src, mem) = boot_source("opp-src")?;
-        let arm = Arming::plain("opportunistic")?;
-        let before = read_counter(&mut src)?;
-        let mut hop = migrate_through(
-            dir.path(),
-            "opp-dst",
-            &mut src,
-            &cfg("opp-dst"),
-            &arm,
-            &arm,
-            &MigOpts::default(),
-            pass,
-        )?;
-        report("opp-dst", &hop);
-        expect_success(&mut hop, &mut src, &mem, before, false)?;
-        Ok(())
+        migrate_plain_ok("opp", "opportunistic").map(drop)
     })
 }
 
@@ -375,7 +354,7 @@ fn required_source_refused_by_plain_destination() -> Result<()> {
         dir.path(),
         "req-dst",
         &mut src,
-        &cfg("req-dst"),
+        &guest_config("req-dst"),
         &src_arm,
         &dst_arm,
         &MigOpts::default(),
@@ -431,16 +410,7 @@ where
         let (mut src, mem) = boot_source(&format!("{test}-src"))?;
         let arm = Arming::encrypted(dir.path(), "t.key", "required")?;
         let name = format!("{test}-bad");
-        let mut hop = migrate_through(
-            dir.path(),
-            &name,
-            &mut src,
-            &cfg(&name),
-            &arm,
-            &arm,
-            opts,
-            move |i| plan(i),
-        )?;
+        let mut hop = migrate_armed(dir.path(), &name, &mut src, &arm, opts, move |i| plan(i))?;
         report(&name, &hop);
         ensure!(
             hop.relay.conns().iter().any(|c| c.fault_applied()),
@@ -525,12 +495,10 @@ fn tamper_replayed_recording_fails_and_source_migrates_again() -> Result<()> {
             // 1. A recorded encrypted migration A -> B.
             let arm = Arming::encrypted(dir.path(), "replay.key", "required")?;
             let before = read_counter(&mut a)?;
-            let mut rec_hop = migrate_through(
+            let mut rec_hop = migrate_armed(
                 dir.path(),
                 "replay-b",
                 &mut a,
-                &cfg("replay-b"),
-                &arm,
                 &arm,
                 &MigOpts::default(),
                 pass,
@@ -548,7 +516,7 @@ fn tamper_replayed_recording_fails_and_source_migrates_again() -> Result<()> {
                 dir.path(),
                 "replay-c",
                 &mut b,
-                &cfg("replay-c"),
+                &guest_config("replay-c"),
                 &arm,
                 &arm,
                 &MigOpts::default(),
@@ -585,12 +553,10 @@ fn tamper_half_close_source_proxy_must_not_report_success() -> Result<()> {
     let dir = TempDir::new("mp-half")?;
     let (mut src, mem) = boot_source("half-src")?;
     let arm = Arming::encrypted(dir.path(), "h.key", "required")?;
-    let mut hop = migrate_through(
+    let mut hop = migrate_armed(
         dir.path(),
         "half-bad",
         &mut src,
-        &cfg("half-bad"),
-        &arm,
         &arm,
         &MigOpts::default(),
         |i| {

@@ -25,17 +25,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use serde_json::json;
-use vmcrypt_tests::guest::{Guest, QemuConfig, TempDir};
+use vmcrypt_tests::guest::{Guest, TempDir};
 use vmcrypt_tests::migration::Proxy;
 use vmcrypt_tests::migration::{
-    check_guest, configure, listen_incoming, migrate_through, new_marker, prepare_guest,
-    read_counter, wait_migration, Arming, Hop, MigOpts,
+    check_guest, configure, guest_config, listen_incoming, migrate_armed, new_marker,
+    prepare_guest, read_counter, wait_migration, Arming, Hop, MigOpts,
 };
 use vmcrypt_tests::netrelay::{Fault, NetRelay};
-
-fn cfg(name: &str) -> QemuConfig {
-    QemuConfig::new().name(name).memory_mib(256).cpus(1)
-}
 
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -84,16 +80,9 @@ fn multifd_stress() -> Result<()> {
             (migrate_direct(&mut src, &name, &set)?, None)
         } else {
             let arm = Arming::encrypted(dir.path(), &format!("{name}.key"), "required")?;
-            let hop = migrate_through(
-                dir.path(),
-                &name,
-                &mut src,
-                &cfg(&name),
-                &arm,
-                &arm,
-                &set.opts,
-                |_| Fault::Pass,
-            )?;
+            let hop = migrate_armed(dir.path(), &name, &mut src, &arm, &set.opts, |_| {
+                Fault::Pass
+            })?;
             ensure!(hop.status() == "completed", "{}", hop.describe());
             let Hop {
                 dst,
@@ -141,7 +130,7 @@ fn fresh_guest(
     name: &str,
     set: &Settings,
 ) -> Result<(Guest, vmcrypt_tests::migration::GuestMemory)> {
-    let mut g = Guest::boot(&cfg(name))?;
+    let mut g = Guest::boot(&guest_config(name))?;
     let mem = prepare_guest(&mut g, &new_marker()?)?;
     start_writer(&mut g, set)?;
     Ok((g, mem))
@@ -149,7 +138,7 @@ fn fresh_guest(
 
 /// QEMU to QEMU on loopback.
 fn migrate_direct(src: &mut Guest, name: &str, set: &Settings) -> Result<Guest> {
-    let mut c = cfg(name);
+    let mut c = guest_config(name);
     c.incoming = Some("defer".into());
     let mut dst = Guest::spawn_incoming(&c)?;
     configure(&mut dst, &set.opts)?;
