@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use vmcrypt_core::key::Passphrase;
 
 use crate::paths;
+use crate::qemu_user::QemuUser;
 
 /// One disk to serve.
 #[derive(Clone, Debug)]
@@ -32,6 +33,9 @@ pub struct BackendSpec {
     pub socket: PathBuf,
     /// Queues to offer.
     pub num_queues: u16,
+    /// The user the domain's QEMU runs as: the socket is handed to it, and
+    /// only it and root may connect. `None`: root only.
+    pub owner: Option<QemuUser>,
 }
 
 /// Why a backend did not start.
@@ -181,6 +185,7 @@ pub fn start(
         .arg("--image")
         .arg(&disk.image)
         .args(["--num-queues", &disk.num_queues.to_string()])
+        .args(disk.owner.map(|o| format!("--owner={o}")))
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log_err))

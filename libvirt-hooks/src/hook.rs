@@ -22,6 +22,7 @@ use vmcrypt_migrate::control::{self, Request};
 use crate::backends::{self, BackendSpec};
 use crate::domxml::DomainDef;
 use crate::paths;
+use crate::qemu_user;
 
 /// A refusal or failure: one line for the `virsh` error.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,8 @@ fn prepare(xml: &str) -> Result<(), Refusal> {
         return Ok(());
     }
     let why = format!("cannot start {}", def.name);
+    let owner = qemu_user::for_domain(xml).map_err(|e| refuse(format!("{why}: {e}")))?;
+    tracing::debug!(domain = %def.name, %owner, "the disk sockets go to QEMU's user");
     let mut keys = fetch_keys(&meta, &why)?;
     for d in &meta.disks {
         let vu = def.disk(&d.target).ok_or_else(|| {
@@ -95,6 +98,7 @@ fn prepare(xml: &str) -> Result<(), Refusal> {
             image: d.image.clone().into(),
             socket: vu.socket.clone().into(),
             num_queues: vu.queues.unwrap_or(def.vcpus).max(1),
+            owner: Some(owner),
         };
         let pass = keys
             .iter()

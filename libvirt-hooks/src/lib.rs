@@ -6,3 +6,4 @@ pub mod backends;
 pub mod domxml;
 pub mod hook;
 pub mod paths;
+pub mod qemu_user;

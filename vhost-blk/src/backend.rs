@@ -18,6 +18,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::disk::Disk;
+use crate::socket::PeerGate;
 use crate::worker::{GuestMemAtomic, Worker, MAX_SEGMENTS, MAX_SEGMENT_SECTORS};
 
 /// `VHOST_F_LOG_ALL`: we log our writes to guest RAM, so QEMU can live
@@ -42,6 +43,10 @@ fn logs_dirty_pages(acked_features: u64) -> bool {
     acked_features & VHOST_F_LOG_ALL != 0
 }
 
+/// How long a queue event waits for the accept-time peer check (which runs
+/// right after the accept, so normally for microseconds).
+const PEER_VERDICT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The backend for one frontend connection.
 pub struct BlkBackend {
     disk: Arc<Disk>,
@@ -52,6 +57,9 @@ pub struct BlkBackend {
     /// QEMU has asked for dirty logging (a migration is running).
     logging: AtomicBool,
     config: [u8; CONFIG_LEN],
+    /// Whether this connection's peer may use the disk (checked by the
+    /// server right after the accept).
+    gate: Arc<PeerGate>,
 }
 
 impl BlkBackend {
@@ -60,6 +68,7 @@ impl BlkBackend {
         disk: Arc<Disk>,
         opts: DeviceOptions,
         mem: GuestMemAtomic,
+        gate: Arc<PeerGate>,
     ) -> Result<Self, vmcrypt_core::xts::XtsError> {
         let workers = (0..opts.num_queues)
             .map(|_| Worker::new(disk.clone()).map(Mutex::new))
@@ -73,6 +82,7 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             logging: AtomicBool::new(false),
             config,
+            gate,
         })
     }
 }
@@ -203,6 +213,11 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // No guest request touches the disk before the peer check passed;
+        // a refused peer's queues stay unserved until it is disconnected.
+        if !self.gate.allowed(PEER_VERDICT_WAIT) {
+            return Err(io::Error::other("frontend not allowed to use this disk"));
+        }
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }

@@ -14,5 +14,6 @@ pub mod io;
 pub mod mapping;
 pub mod request;
 pub mod server;
+pub mod socket;
 pub mod status;
 pub mod worker;

@@ -5,6 +5,7 @@ use clap::Parser;
 use vmcrypt_blk::backend::DeviceOptions;
 use vmcrypt_blk::disk::{Disk, DiskConfig};
 use vmcrypt_blk::server::{serve, ServeOptions};
+use vmcrypt_blk::socket::Owner;
 
 /// Serve a disk image to QEMU over vhost-user-blk; LUKS1 images are
 /// decrypted and encrypted on the fly (XTS-AES-256), raw images served as is.
@@ -38,6 +39,10 @@ struct Args {
     /// Octal permissions of the socket; whoever can connect can read the disk.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// UID[:GID] the socket belongs to (the user QEMU runs as); only it and
+    /// root may connect, others are refused and logged.
+    #[arg(long, value_name = "UID[:GID]")]
+    owner: Option<Owner>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -75,6 +80,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         &ServeOptions {
             socket: args.socket,
             socket_mode: args.socket_mode,
+            owner: args.owner,
             device: DeviceOptions {
                 num_queues: args.num_queues,
                 queue_size: args.queue_size,

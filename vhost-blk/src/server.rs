@@ -3,7 +3,7 @@
 //! SIGTERM/SIGINT end the loop cleanly: the current connection is shut down,
 //! the workers finish their requests, the image is synced.
 
-use std::os::unix::fs::PermissionsExt;
+use std::collections::BTreeSet;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +16,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{BlkBackend, DeviceOptions};
 use crate::disk::Disk;
+use crate::socket::{self, Owner, PeerCred, PeerGate};
 
 /// Where and how to serve.
 #[derive(Clone, Debug)]
@@ -24,6 +25,9 @@ pub struct ServeOptions {
     pub socket: PathBuf,
     /// Permissions of the socket: whoever can connect can read the disk.
     pub socket_mode: u32,
+    /// The user the socket is handed to (the domain's QEMU), who may use
+    /// the disk besides root; `None`: root and this process's user only.
+    pub owner: Option<Owner>,
     /// Device settings.
     pub device: DeviceOptions,
 }
@@ -41,13 +45,10 @@ pub fn serve(disk: Disk, opts: &ServeOptions) -> anyhow::Result<()> {
     // Block the signals before any thread starts, so every thread inherits
     // the mask and only the signal thread receives them.
     let signals = block_stop_signals()?;
-    let mut listener = Listener::new(&opts.socket, true)
-        .with_context(|| format!("cannot listen on {}", opts.socket.display()))?;
-    std::fs::set_permissions(
-        &opts.socket,
-        std::fs::Permissions::from_mode(opts.socket_mode),
-    )
-    .with_context(|| format!("cannot set permissions of {}", opts.socket.display()))?;
+    let mut listener = Listener::from(
+        socket::bind(&opts.socket, opts.socket_mode, opts.owner)
+            .with_context(|| format!("cannot listen on {}", opts.socket.display()))?,
+    );
     spawn_signal_thread(signals, shared.clone(), opts.socket.clone())?;
     tracing::info!(
         socket = %opts.socket.display(),
@@ -55,6 +56,7 @@ pub fn serve(disk: Disk, opts: &ServeOptions) -> anyhow::Result<()> {
         encrypted = disk.key.is_some(),
         readonly = disk.readonly,
         queues = opts.device.num_queues,
+        owner = ?opts.owner,
         "listening"
     );
 
@@ -75,9 +77,11 @@ fn serve_connections(
     shared: &Shared,
     listener: &mut Listener,
 ) -> anyhow::Result<()> {
+    let allowed = socket::allowed_uids(opts.owner);
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = BlkBackend::new(disk.clone(), opts.device, mem.clone())
+        let gate = Arc::new(PeerGate::default());
+        let backend = BlkBackend::new(disk.clone(), opts.device, mem.clone(), gate.clone())
             .context("cannot set up the cipher")?;
         let mut daemon = VhostUserDaemon::new("vmcrypt-blk".into(), Arc::new(backend), mem)
             .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
@@ -87,10 +91,18 @@ fn serve_connections(
         if let Ok(mut cur) = shared.current.lock() {
             *cur = daemon.shutdown_handle();
         }
+        let peer = check_peer(&opts.socket, &allowed);
+        gate.decide(peer.is_ok());
         if shared.stop.load(Ordering::Acquire) {
             daemon.request_shutdown();
         } else {
-            tracing::info!("frontend connected");
+            match &peer {
+                Ok(c) => tracing::info!(pid = c.pid, uid = c.uid, "frontend connected"),
+                Err(why) => {
+                    tracing::warn!("refused a frontend: {why}");
+                    daemon.request_shutdown();
+                }
+            }
         }
         let result = daemon.wait();
         if let Ok(mut cur) = shared.current.lock() {
@@ -110,6 +122,32 @@ fn serve_connections(
             )) => tracing::info!("frontend disconnected; waiting for the next one"),
             Err(e) => tracing::warn!("connection ended: {e}; waiting for the next one"),
         }
+    }
+}
+
+/// The peer of the connection just accepted on `path`, if its uid is
+/// allowed; else why not (for the log).
+fn check_peer(path: &Path, allowed: &BTreeSet<u32>) -> Result<PeerCred, String> {
+    let conns = socket::connections_on(path)
+        .map_err(|e| format!("cannot read the connection's credentials: {e}"))?;
+    let Some((_, first)) = conns.first() else {
+        return Err("cannot find the accepted connection's credentials".into());
+    };
+    // Every connection on our name must pass (normally there is one, seen
+    // through two descriptors).
+    match conns.iter().find(|(_, c)| !allowed.contains(&c.uid)) {
+        Some((_, c)) => Err(format!(
+            "pid {} uid {} gid {} may not use this disk (allowed uids: {})",
+            c.pid,
+            c.uid,
+            c.gid,
+            allowed
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        None => Ok(*first),
     }
 }
 
