@@ -49,6 +49,16 @@ pub enum ConvertError {
         /// Its size.
         len: u64,
     },
+    /// The new image does not read back as what was written.
+    #[error(
+        "{path} does not read back as the disk it was made from (at byte {offset}): storage fault?"
+    )]
+    Verify {
+        /// The new image.
+        path: String,
+        /// Where the first difference is.
+        offset: u64,
+    },
     /// Something is wrong with the LUKS container or the key.
     #[error(transparent)]
     Luks(#[from] LuksError),
@@ -181,6 +191,147 @@ pub fn encrypt(
     )?;
     keyref::write(image, &dst, &header, key_ref)?;
     commit(&scratch, &dst, image)
+}
+
+/// A guest disk's contents, readable at any offset: a raw file, or a
+/// qcow2 chain mapped by its owner. Bytes past the end read as zeros.
+pub trait DiskSource {
+    /// The disk's size in bytes, as the guest sees it.
+    fn len(&self) -> u64;
+    /// Whether the disk is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fills `buf` with the disk's bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+/// A raw image file as a [`DiskSource`].
+pub struct RawFile {
+    file: File,
+    len: u64,
+}
+
+impl RawFile {
+    /// Opens `path` read-only.
+    pub fn open(path: &Path) -> Result<RawFile, ConvertError> {
+        let file = open_ro(path)?;
+        let len = luks::block_device_len(&file)?;
+        Ok(RawFile { file, len })
+    }
+}
+
+impl DiskSource for RawFile {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let have = self.len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        self.file.read_exact_at(&mut buf[..have], offset)?;
+        buf[have..].fill(0);
+        Ok(())
+    }
+}
+
+/// The size of the LUKS image [`encrypt_into`] makes for `len` bytes of
+/// guest disk (header, key material, payload), for free-space checks.
+pub fn encrypted_size(len: u64) -> u64 {
+    len.div_ceil(SECTOR) * SECTOR + u64::from(luks::PAYLOAD_OFFSET_SECTORS) * SECTOR
+}
+
+/// Writes the contents of `src` into a new LUKS image at `dest` (through
+/// `dest.vmcrypt-new`), opened by `pass` and recording `key_ref`; reads it
+/// back, decrypted, against `src`; only then renames it to `dest`. A crash
+/// leaves no `dest` (and a scratch file the next run replaces). `dest` must
+/// not exist yet. Progress counts the write and the check.
+pub fn encrypt_into(
+    src: &dyn DiskSource,
+    dest: &Path,
+    pass: &Passphrase,
+    key_ref: &KeyRef,
+    progress: Progress<'_>,
+) -> Result<(), ConvertError> {
+    if dest.symlink_metadata().is_ok() {
+        return Err(io("refusing to overwrite", dest)(std::io::Error::from(
+            std::io::ErrorKind::AlreadyExists,
+        )));
+    }
+    // A guest disk is a whole number of sectors; a raw file that is not is
+    // padded with zeros, as QEMU does.
+    let len = src.len().div_ceil(SECTOR) * SECTOR;
+    let (scratch, dst) = open_scratch(dest)?;
+    let master = crate::xts::random_key().map_err(LuksError::from)?;
+    let header = luks::create_with_key(&dst, len, pass, &CreateOptions::default(), &master)?;
+    let base = header.payload_bytes();
+    let mut cipher = SectorCipher::new(&master).map_err(LuksError::from)?;
+    let mut buf = Zeroizing::new(vec![0u8; CHUNK]);
+    let mut check = Zeroizing::new(vec![0u8; CHUNK]);
+    let total = len.saturating_mul(2);
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(CHUNK as u64) as usize;
+        let chunk = &mut buf[..n];
+        src.read_at(chunk, done)
+            .map_err(io("cannot read the disk behind", dest))?;
+        cipher
+            .encrypt(done / SECTOR, chunk)
+            .map_err(LuksError::from)?;
+        dst.write_all_at(chunk, base + done)
+            .map_err(io("cannot write", &scratch))?;
+        done += n as u64;
+        progress(done, total);
+    }
+    keyref::write(dest, &dst, &header, key_ref)?;
+    dst.sync_all().map_err(io("cannot sync", &scratch))?;
+    // Verify what storage holds, not what we meant to write.
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(CHUNK as u64) as usize;
+        let (got, want) = (&mut buf[..n], &mut check[..n]);
+        dst.read_exact_at(got, base + at)
+            .map_err(io("cannot read back", &scratch))?;
+        cipher.decrypt(at / SECTOR, got).map_err(LuksError::from)?;
+        src.read_at(want, at)
+            .map_err(io("cannot read the disk behind", dest))?;
+        if got != want {
+            return Err(ConvertError::Verify {
+                path: dest.display().to_string(),
+                offset: at,
+            });
+        }
+        at += n as u64;
+        progress(len + at, total);
+    }
+    commit(&scratch, &dst, dest)
+}
+
+/// Decrypts the LUKS image `image` into a new raw file `dest` (through
+/// `dest.vmcrypt-new`, renamed when complete and synced); `image` stays.
+pub fn decrypt_to(
+    image: &Path,
+    dest: &Path,
+    pass: &Passphrase,
+    progress: Progress<'_>,
+) -> Result<(), ConvertError> {
+    if dest.symlink_metadata().is_ok() {
+        return Err(io("refusing to overwrite", dest)(std::io::Error::from(
+            std::io::ErrorKind::AlreadyExists,
+        )));
+    }
+    let src = open_ro(image)?;
+    let (header, master) = unlock(image, &src, pass)?;
+    let len = luks::payload_len(&src, &header)?;
+    let (scratch, dst) = open_scratch(dest)?;
+    dst.set_len(len).map_err(io("cannot size", &scratch))?;
+    let mut cipher = SectorCipher::new(&master).map_err(LuksError::from)?;
+    copy_transform(
+        (&src, image, header.payload_bytes()),
+        (&dst, &scratch, 0),
+        len,
+        |sector, chunk| Ok(cipher.decrypt(sector, chunk).map_err(LuksError::from)?),
+        progress,
+    )?;
+    commit(&scratch, &dst, dest)
 }
 
 /// Decrypts a LUKS image in place (via a new file) back to raw.
@@ -403,6 +554,69 @@ mod tests {
             Err(ConvertError::Unaligned { .. })
         ));
         assert_eq!(std::fs::read(&img).unwrap(), vec![1u8; 1000]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A disk whose bytes change between the write and the check, as a
+    /// faulty disk or a concurrent writer would make them.
+    struct Flaky(std::cell::Cell<u32>);
+
+    impl DiskSource for Flaky {
+        fn len(&self) -> u64 {
+            3 << 20
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            let n = self.0.get();
+            self.0.set(n + 1);
+            // The first pass reads 3 chunks; the check pass sees other bytes.
+            buf.fill(if n < 3 { 7 } else { 8 });
+            let _ = offset;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn encrypt_into_verifies_and_decrypt_to_gives_the_disk_back() {
+        let dir = std::env::temp_dir().join(format!("vmcrypt-conv3-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // An odd-sized raw source is padded to whole sectors with zeros.
+        let raw = dir.join("disk.raw");
+        let mut data: Vec<u8> = (0..(2 << 20) + 100).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&raw, &data).unwrap();
+        let luks_img = dir.join("disk.luks");
+        let src = RawFile::open(&raw).unwrap();
+        let mut last = (0, 0);
+        encrypt_into(&src, &luks_img, &pass("p"), &kref("k1"), &mut |d, t| {
+            last = (d, t)
+        })
+        .unwrap();
+        assert_eq!(last.0, last.1, "progress ends at its total");
+        assert!(!scratch_path(&luks_img).exists());
+        assert_eq!(status(&luks_img).unwrap().key_ref, Some(kref("k1")));
+        // Refuses to overwrite.
+        assert!(encrypt_into(&src, &luks_img, &pass("p"), &kref("k1"), &mut |_, _| {}).is_err());
+        let back = dir.join("back.raw");
+        assert!(decrypt_to(&luks_img, &back, &pass("wrong"), &mut |_, _| {}).is_err());
+        assert!(!back.exists());
+        decrypt_to(&luks_img, &back, &pass("p"), &mut |_, _| {}).unwrap();
+        data.resize(data.len().div_ceil(512) * 512, 0);
+        assert_eq!(std::fs::read(&back).unwrap(), data);
+        // A source that reads back differently is caught, and nothing is
+        // left under the final name.
+        let bad = dir.join("bad.luks");
+        let e = encrypt_into(
+            &Flaky(Default::default()),
+            &bad,
+            &pass("p"),
+            &kref("k2"),
+            &mut |_, _| {},
+        );
+        assert!(
+            matches!(e, Err(ConvertError::Verify { offset: 0, .. })),
+            "{e:?}"
+        );
+        assert!(!bad.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

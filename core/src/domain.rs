@@ -47,6 +47,9 @@ pub struct Disk {
     pub image: String,
     /// Which key opens it; `None` for a plain (unencrypted) disk.
     pub key: Option<KeyRef>,
+    /// The serial the guest sees (vhost-user disks cannot carry libvirt's
+    /// `<serial>`, so vmcrypt-blk answers it); `None`: the image's name.
+    pub serial: Option<String>,
 }
 
 /// How a migration prepared by `vmcrypt migrate` travels.
@@ -186,6 +189,7 @@ impl VmMetadata {
                 target: need("target")?,
                 image: need("image")?,
                 key,
+                serial: attr("serial").map(str::to_string),
             };
             if meta.disk(&disk.target).is_some() {
                 return Err(MetadataError::Invalid(format!(
@@ -244,6 +248,9 @@ impl VmMetadata {
                     escape(&k.provider),
                     escape(&k.key_id)
                 ));
+            }
+            if let Some(serial) = &d.serial {
+                out.push_str(&format!(" serial=\"{}\"", escape(serial)));
             }
             out.push_str("/>");
         }
@@ -347,11 +354,13 @@ mod tests {
                         provider: "corp".into(),
                         key_id: "42".into(),
                     }),
+                    serial: Some("disk<1>".into()),
                 },
                 Disk {
                     target: "vdb".into(),
                     image: "/plain.img".into(),
                     key: None,
+                    serial: None,
                 },
             ],
             migration: None,

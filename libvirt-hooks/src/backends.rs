@@ -36,6 +36,8 @@ pub struct BackendSpec {
     /// The user the domain's QEMU runs as: the socket is handed to it, and
     /// only it and root may connect. `None`: root only.
     pub owner: Option<QemuUser>,
+    /// The serial the guest sees; `None`: vmcrypt-blk's default.
+    pub serial: Option<String>,
 }
 
 /// Why a backend did not start.
@@ -186,6 +188,7 @@ pub fn start(
         .arg(&disk.image)
         .args(["--num-queues", &disk.num_queues.to_string()])
         .args(disk.owner.map(|o| format!("--owner={o}")))
+        .args(disk.serial.as_ref().map(|s| format!("--serial={s}")))
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log_err))

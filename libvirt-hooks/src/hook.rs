@@ -99,6 +99,7 @@ fn prepare(xml: &str) -> Result<(), Refusal> {
             socket: vu.socket.clone().into(),
             num_queues: vu.queues.unwrap_or(def.vcpus).max(1),
             owner: Some(owner),
+            serial: d.serial.clone(),
         };
         let pass = keys
             .iter()

@@ -3,7 +3,9 @@
 #![deny(missing_docs)]
 
 pub mod backends;
+pub mod convert_xml;
 pub mod domxml;
 pub mod hook;
 pub mod paths;
 pub mod qemu_user;
+pub mod source;

@@ -26,28 +26,48 @@ enum Command {
     /// Manage key providers (KMIP clusters, the local keystore).
     #[command(subcommand)]
     Kms(commands::kms::KmsCommand),
-    /// Encrypt a raw image, or a stopped domain's vmcrypt disks, with new
-    /// keys from a provider (a domain's policy becomes required).
+    /// Encrypt a shut-off libvirt domain (its file disks, raw or qcow2 with
+    /// backing chains, become encrypted vmcrypt disks; its policy becomes
+    /// required), or a raw image file in place. Crash-safe: run it again to
+    /// finish an interrupted conversion.
     Encrypt {
-        /// An image file (converted in place, via a full copy beside it), or
-        /// a libvirt domain name.
+        /// A libvirt domain name, or an image file.
         image: PathBuf,
         /// Key provider (default: the configured default, else "local").
         #[arg(long)]
         provider: Option<String>,
+        /// Keep the plaintext disk files (by default they are removed once
+        /// the encrypted domain is defined).
+        #[arg(long)]
+        keep_original: bool,
+        /// Abandon an interrupted encryption of a domain (before its new XML
+        /// was defined): new images removed, new keys retired.
+        #[arg(long)]
+        rollback: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Decrypt an image, or a stopped domain's disks, back to raw (keys come
-    /// from their providers; a domain's policy stays as it is).
+    /// Decrypt a shut-off domain back to ordinary file disks that run
+    /// without vmcrypt (its policy stays as it is), or an image file in
+    /// place.
     Decrypt {
-        /// An image file or a libvirt domain name.
+        /// A libvirt domain name, or an image file.
         image: PathBuf,
+        /// Format of the domain's new plain disks: raw or qcow2.
+        #[arg(long, default_value = "raw")]
+        format: String,
+        /// Keep the encrypted images (by default removed once the plain
+        /// domain is defined).
+        #[arg(long)]
+        keep_encrypted: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Add disks to an encrypted domain.
+    #[command(subcommand)]
+    Disk(DiskCommand),
     /// Change an image's keys: --shallow (new KEK) or --deep (new data key too).
     Rekey {
         /// The image.
@@ -100,6 +120,28 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum DiskCommand {
+    /// A new encrypted disk in an encrypted domain's definition (as `virsh
+    /// attach-disk --config` adds a plain one).
+    Add {
+        /// The libvirt domain.
+        domain: String,
+        /// Size, e.g. 10G.
+        #[arg(long, value_parser = size::parse_size)]
+        size: u64,
+        /// Guest device name (default: the first free vdX).
+        #[arg(long)]
+        target: Option<String>,
+        /// Key provider (default: the one the domain's disks use).
+        #[arg(long)]
+        provider: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// An argument that names no file is taken as a libvirt domain name.
 fn domain_name(arg: &std::path::Path) -> Option<&str> {
     if arg.exists() || arg.components().count() != 1 {
@@ -139,15 +181,42 @@ fn main() -> ExitCode {
         Command::Encrypt {
             image,
             provider,
+            keep_original,
+            rollback,
             json,
         } => match domain_name(&image) {
-            Some(d) => commands::domain::encrypt(d, provider.as_deref(), json),
+            Some(d) => commands::vm::encrypt(d, provider.as_deref(), keep_original, rollback, json)
+                .and_then(|done| {
+                    if done {
+                        Ok(())
+                    } else {
+                        commands::domain::encrypt(d, provider.as_deref(), json)
+                    }
+                }),
             None => commands::lifecycle::encrypt(&image, provider.as_deref(), json),
         },
-        Command::Decrypt { image, json } => match domain_name(&image) {
-            Some(d) => commands::domain::decrypt(d, json),
+        Command::Decrypt {
+            image,
+            format,
+            keep_encrypted,
+            json,
+        } => match domain_name(&image) {
+            Some(d) => commands::vm::decrypt(d, &format, keep_encrypted, json).and_then(|done| {
+                if done {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("{d} is not encrypted"))
+                }
+            }),
             None => commands::lifecycle::decrypt(&image, json),
         },
+        Command::Disk(DiskCommand::Add {
+            domain,
+            size,
+            target,
+            provider,
+            json,
+        }) => commands::vm::disk_add(&domain, size, target.as_deref(), provider.as_deref(), json),
         Command::Policy { domain, mode, json } => commands::domain::policy(&domain, mode, json),
         Command::Rekey {
             image,

@@ -336,12 +336,21 @@ fn encrypted_vm_on_the_embedded_provider_once() -> Result<()> {
     );
     let st = vmcrypt_ok(b, &["policy", "vm1", "opportunistic"])?;
     ensure!(st.contains("policy opportunistic"), "{st}");
+    // The domain is an ordinary one again: a raw file disk beside the old
+    // encrypted image, which is gone.
+    let plain = image.with_file_name("vm1-vda.raw");
+    ensure!(!image.exists(), "the encrypted image is still there");
+    let xml = b.virsh(["dumpxml", "vm1"])?;
     ensure!(
-        file_contains(&image, DISK_MARKER.as_bytes())?,
+        xml.contains(&format!("<source file='{}'/>", plain.display())),
+        "decrypted domain has no file disk: {xml}"
+    );
+    ensure!(
+        file_contains(&plain, DISK_MARKER.as_bytes())?,
         "decrypted image lacks the marker"
     );
     ensure!(
-        file_contains(&image, b"on-b")?,
+        file_contains(&plain, b"on-b")?,
         "the write on vmc-b is not in the image"
     );
     hosts.down()?;

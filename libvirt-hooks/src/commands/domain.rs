@@ -1,4 +1,4 @@
-//! `vmcrypt policy|encrypt|decrypt|status` on libvirt domains: the VM-level
+//! `vmcrypt policy|encrypt|status` on libvirt domains: the VM-level
 //! view (DESIGN.md "What users get", points 1 and 3).
 //!
 //! A domain's vmcrypt disks are listed in its `<vmcrypt:vm>` metadata
@@ -204,41 +204,6 @@ pub fn encrypt(name: &str, provider: Option<&str>, json: bool) -> anyhow::Result
     }
     if converted == 0 && !json {
         println!("{name} is already encrypted");
-    }
-    print_state(&state_of(name, false, &meta), json)
-}
-
-/// `vmcrypt decrypt DOMAIN`: decrypts each encrypted disk; the policy stays
-/// as it is (`required`) until changed with `vmcrypt policy`.
-pub fn decrypt(name: &str, json: bool) -> anyhow::Result<()> {
-    let conn = connect()?;
-    let dom = lookup(&conn, name).with_context(|| format!("no domain named {name:?}"))?;
-    require_stopped(&dom, name, "decrypt")?;
-    let mut meta = metadata(&dom, name)?;
-    if !meta.encrypted() {
-        bail!("{name} is not encrypted");
-    }
-    for i in 0..meta.disks.len() {
-        if meta.disks[i].key.is_none() {
-            continue;
-        }
-        let image = meta.disks[i].image.clone();
-        let old = lifecycle::decrypt_image(Path::new(&image), json)
-            .with_context(|| format!("{name}: disk {}", meta.disks[i].target))?;
-        meta.disks[i].key = None;
-        store(&dom, name, &meta)?;
-        if !json {
-            println!(
-                "decrypted {name} disk {} ({image}); key {old} is no longer used by it",
-                meta.disks[i].target
-            );
-        }
-    }
-    if !json {
-        println!(
-            "{name}'s migration policy stays {} until you change it (`vmcrypt policy {name} opportunistic`)",
-            meta.policy
-        );
     }
     print_state(&state_of(name, false, &meta), json)
 }

@@ -5,3 +5,4 @@ pub mod image;
 pub mod kms;
 pub mod lifecycle;
 pub mod migrate;
+pub mod vm;
