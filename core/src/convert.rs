@@ -240,7 +240,8 @@ pub fn encrypted_size(len: u64) -> u64 {
 }
 
 /// Writes the contents of `src` into a new LUKS image at `dest` (through
-/// `dest.vmcrypt-new`), opened by `pass` and recording `key_ref`; reads it
+/// `dest.vmcrypt-new`), opened by `pass` and recording `key_ref` (if
+/// any); reads it
 /// back, decrypted, against `src`; only then renames it to `dest`. A crash
 /// leaves no `dest` (and a scratch file the next run replaces). `dest` must
 /// not exist yet. Progress counts the write and the check.
@@ -248,7 +249,7 @@ pub fn encrypt_into(
     src: &dyn DiskSource,
     dest: &Path,
     pass: &Passphrase,
-    key_ref: &KeyRef,
+    key_ref: Option<&KeyRef>,
     progress: Progress<'_>,
 ) -> Result<(), ConvertError> {
     if dest.symlink_metadata().is_ok() {
@@ -281,7 +282,9 @@ pub fn encrypt_into(
         done += n as u64;
         progress(done, total);
     }
-    keyref::write(dest, &dst, &header, key_ref)?;
+    if let Some(r) = key_ref {
+        keyref::write(dest, &dst, &header, r)?;
+    }
     dst.sync_all().map_err(io("cannot sync", &scratch))?;
     // Verify what storage holds, not what we meant to write.
     let mut at = 0u64;
@@ -587,15 +590,26 @@ mod tests {
         let luks_img = dir.join("disk.luks");
         let src = RawFile::open(&raw).unwrap();
         let mut last = (0, 0);
-        encrypt_into(&src, &luks_img, &pass("p"), &kref("k1"), &mut |d, t| {
-            last = (d, t)
-        })
+        encrypt_into(
+            &src,
+            &luks_img,
+            &pass("p"),
+            Some(&kref("k1")),
+            &mut |d, t| last = (d, t),
+        )
         .unwrap();
         assert_eq!(last.0, last.1, "progress ends at its total");
         assert!(!scratch_path(&luks_img).exists());
         assert_eq!(status(&luks_img).unwrap().key_ref, Some(kref("k1")));
         // Refuses to overwrite.
-        assert!(encrypt_into(&src, &luks_img, &pass("p"), &kref("k1"), &mut |_, _| {}).is_err());
+        assert!(encrypt_into(
+            &src,
+            &luks_img,
+            &pass("p"),
+            Some(&kref("k1")),
+            &mut |_, _| {}
+        )
+        .is_err());
         let back = dir.join("back.raw");
         assert!(decrypt_to(&luks_img, &back, &pass("wrong"), &mut |_, _| {}).is_err());
         assert!(!back.exists());
@@ -609,7 +623,7 @@ mod tests {
             &Flaky(Default::default()),
             &bad,
             &pass("p"),
-            &kref("k2"),
+            None,
             &mut |_, _| {},
         );
         assert!(

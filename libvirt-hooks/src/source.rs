@@ -134,6 +134,23 @@ pub fn chain(path: &Path, format: &str) -> Result<Vec<ChainImage>, SourceError> 
     })
 }
 
+/// The format qemu-img sees in `path` (it never guesses raw for an image
+/// that has a format header).
+pub fn probe_format(path: &Path) -> Result<String, SourceError> {
+    #[derive(Deserialize)]
+    struct Info {
+        format: String,
+    }
+    let json = qemu_img("info", path, &["--output=json"])?;
+    serde_json::from_str::<Info>(&json)
+        .map(|i| i.format)
+        .map_err(|e| SourceError::QemuImg {
+            what: "info",
+            path: path.display().to_string(),
+            msg: format!("unexpected output: {e}"),
+        })
+}
+
 /// A file disk and its chain, readable as the guest would read it.
 pub struct MappedDisk {
     path: PathBuf,

@@ -315,3 +315,50 @@ pub fn wait_shell(console: &mut Console, timeout: Duration) -> Result<()> {
 pub fn esc(s: &str) -> String {
     vmcrypt_core::domain::escape(s)
 }
+
+/// A domain made the way an operator makes one: `virt-install --import` of
+/// an existing disk image (`format` raw or qcow2, on virtio), booting the
+/// test guest's kernel and initramfs, console on a unix socket at
+/// [`SOCKET_DIR`]`/NAME.console`, no network, no graphics. virt-install
+/// starts it; returns the console socket's path in the host.
+pub fn virt_install(host: &Host, name: &str, disk: &Path, format: &str) -> Result<PathBuf> {
+    let a = guest_artifacts()?;
+    let console = Path::new(SOCKET_DIR).join(format!("{name}.console"));
+    host.run_ok(
+        host.command("virt-install")
+            .args(["--connect", "qemu:///system", "--name", name, "--import"])
+            .args(["--virt-type", "qemu", "--osinfo", "linux2022"])
+            .args(["--memory", "256", "--vcpus", "1"])
+            .arg("--disk")
+            .arg(format!(
+                "path={},format={format},bus=virtio",
+                disk.display()
+            ))
+            .arg("--boot")
+            .arg(format!(
+                "kernel={},initrd={},kernel_args={KERNEL_APPEND}",
+                a.kernel.display(),
+                a.initramfs.display()
+            ))
+            .arg("--serial")
+            .arg(format!("unix,path={},mode=bind", console.display()))
+            .args(["--graphics", "none", "--network", "none", "--noautoconsole"]),
+    )
+    .with_context(|| format!("virt-install {name} on {}", host.name))?;
+    Ok(console)
+}
+
+/// The uid the running domain's QEMU has on `host` (from libvirt's pid
+/// file and /proc).
+pub fn qemu_uid(host: &Host, name: &str) -> Result<u32> {
+    let pidfile = host.outside(format!("/run/libvirt/qemu/{name}.pid"));
+    let pid = std::fs::read_to_string(&pidfile)
+        .with_context(|| format!("reading {}", pidfile.display()))?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim()))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .context("no effective uid in /proc/PID/status")
+}

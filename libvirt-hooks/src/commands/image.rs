@@ -1,4 +1,4 @@
-//! `vmcrypt image create|info`.
+//! `vmcrypt image create|import|info`.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -31,6 +31,23 @@ pub enum ImageCommand {
         #[arg(long, default_value_t = luks::DEFAULT_ITERATIONS,
               value_parser = clap::value_parser!(u32).range(1000..))]
         iterations: u32,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Encrypt any image QEMU reads (raw, or qcow2 with its backing chain)
+    /// into a new LUKS1 image opened by a key file; the source is unchanged.
+    Import {
+        /// The image to read.
+        source: PathBuf,
+        /// The LUKS image to create (must not exist).
+        dest: PathBuf,
+        /// The source's format: raw or qcow2 (default: what qemu-img says).
+        #[arg(long, value_parser = ["raw", "qcow2"])]
+        format: Option<String>,
+        /// File holding the new image's passphrase (the KEK as hex text).
+        #[arg(long)]
+        key_file: PathBuf,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -101,7 +118,47 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
             print(&info(&path)?, json, "created")
         }
         ImageCommand::Info { path, json } => print(&info(&path)?, json, ""),
+        ImageCommand::Import {
+            source,
+            dest,
+            format,
+            key_file,
+            json,
+        } => {
+            let pass = Passphrase::from_file(&key_file)?;
+            import(&source, &dest, format.as_deref(), &pass, json)?;
+            print(&info(&dest)?, json, "created")
+        }
     }
+}
+
+fn import(
+    source: &Path,
+    dest: &Path,
+    format: Option<&str>,
+    pass: &Passphrase,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    use vmcrypt_core::convert::{self, DiskSource, RawFile};
+    let format = match format {
+        Some(f) => f.to_string(),
+        None => vmcrypt_cli::source::probe_format(source)?,
+    };
+    let src: Box<dyn DiskSource> = match format.as_str() {
+        "raw" => Box::new(RawFile::open(source)?),
+        "qcow2" => Box::new(vmcrypt_cli::source::MappedDisk::open(source, "qcow2")?),
+        other => anyhow::bail!(
+            "{} is in format {other}: raw and qcow2 can be imported",
+            source.display()
+        ),
+    };
+    let bar = crate::output::progress("importing", quiet);
+    let r = convert::encrypt_into(src.as_ref(), dest, pass, None, &mut |d, t| {
+        bar.set_length(t);
+        bar.set_position(d);
+    });
+    bar.finish_and_clear();
+    r.with_context(|| format!("cannot import {}", source.display()))
 }
 
 fn create(path: &Path, size: u64, pass: &Passphrase, opts: &CreateOptions) -> anyhow::Result<()> {

@@ -429,12 +429,12 @@ pub fn decrypt(name: &str, format: &str, keep_encrypted: bool, json: bool) -> an
         run(&conn, &dom, j, json)?;
         return Ok(true);
     }
-    check_domain(&dom, name, "decrypt")?;
     let xml = inactive_xml(&dom, name)?;
     let meta = VmMetadata::from_domain_xml(&xml).with_context(|| name.to_string())?;
     if !meta.encrypted() {
         return Ok(false);
     }
+    check_domain(&dom, name, "decrypt")?;
     let mut jdisks = Vec::new();
     let mut need = Vec::new();
     for d in meta.disks.iter() {
@@ -511,7 +511,9 @@ fn run(conn: &Connect, dom: &Domain, mut j: Journal, json: bool) -> anyhow::Resu
                 let mut progress = |done: u64, total: u64| {
                     bar.set_length(total);
                     bar.set_position(done);
-                    if done * 2 >= total {
+                    // Half-way through writing (the second half of the
+                    // total is the read-back check).
+                    if done * 4 >= total {
                         crash_point("mid-copy");
                     }
                 };
@@ -572,7 +574,7 @@ fn copy_in(
     } else {
         Box::new(MappedDisk::open(&d.from, &d.from_format)?)
     };
-    convert::encrypt_into(src.as_ref(), &d.to, pass, &d.key_ref(), progress)?;
+    convert::encrypt_into(src.as_ref(), &d.to, pass, Some(&d.key_ref()), progress)?;
     Ok(())
 }
 
@@ -838,7 +840,7 @@ pub fn disk_add(
         &Zeros(size),
         &to,
         &kek.passphrase(),
-        &key_ref,
+        Some(&key_ref),
         &mut |d, t| {
             bar.set_length(t);
             bar.set_position(d);
