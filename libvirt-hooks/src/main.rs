@@ -65,6 +65,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check that this host can run and migrate encrypted VMs; one line per
+    /// check with the fix; exit status 1 when a check fails.
+    Doctor {
+        /// Also check that the migration daemon of this peer host answers
+        /// (HOST or HOST:PORT; repeatable).
+        #[arg(long)]
+        peer: Vec<String>,
+        /// Print one JSON object per check.
+        #[arg(long)]
+        json: bool,
+    },
     /// Add disks to an encrypted domain.
     #[command(subcommand)]
     Disk(DiskCommand),
@@ -209,6 +220,11 @@ fn main() -> ExitCode {
                 }
             }),
             None => commands::lifecycle::decrypt(&image, json),
+        },
+        Command::Doctor { peer, json } => match commands::doctor::run(&peer, json) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
         },
         Command::Disk(DiskCommand::Add {
             domain,

@@ -151,6 +151,16 @@ fn virt_install_vms_once() -> Result<()> {
     let _db = migrate_daemon(b)?;
     let images = hosts.shared_dir().join("images");
     std::fs::create_dir_all(&images)?;
+    // Both hosts are fit for encrypted VMs, each reaching the other's
+    // migration daemon.
+    for (h, peer) in [(a, b), (b, a)] {
+        let out = vmcrypt_ok(h, &["doctor", "--peer", &peer.addr.to_string()])?;
+        ensure!(
+            out.lines().all(|l| l.starts_with("ok ")) && out.contains("migrate-peer"),
+            "vmcrypt doctor on {}:\n{out}",
+            h.name
+        );
+    }
 
     // q1: a plain qcow2 disk, as virt-install --disk size=N makes one.
     let q1 = images.join("q1.qcow2");
@@ -360,6 +370,34 @@ fn virt_install_vms_once() -> Result<()> {
     );
     drop(con1);
     drop(con2);
+
+    // vmcrypt doctor names the fault: vmc-b's daemon down (on both sides),
+    // vmc-a's hook missing.
+    drop(_db);
+    let out = vmcrypt(a, &["doctor", "--peer", &b.addr.to_string()])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        !out.status.success() && text.lines().any(|l| l.starts_with("FAIL migrate-peer")),
+        "doctor on vmc-a with vmc-b's daemon down:\n{text}"
+    );
+    let out = vmcrypt(b, &["doctor"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        !out.status.success() && text.lines().any(|l| l.starts_with("FAIL migrate-daemon")),
+        "doctor on vmc-b with its daemon down:\n{text}"
+    );
+    let hook = a.outside("/etc/libvirt/hooks/qemu");
+    std::fs::rename(&hook, hook.with_extension("off"))?;
+    let out = vmcrypt(a, &["doctor"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        !out.status.success()
+            && text
+                .lines()
+                .any(|l| l.starts_with("FAIL hook") && l.contains("fix:"))
+            && text.lines().filter(|l| l.starts_with("FAIL")).count() == 1,
+        "doctor on vmc-a without its hook:\n{text}"
+    );
     hosts.down()?;
     eprintln!("real_hosts: virt-install story in {:.0?}", t0.elapsed());
     Ok(())

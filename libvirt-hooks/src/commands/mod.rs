@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod doctor;
 pub mod domain;
 pub mod image;
 pub mod kms;
