@@ -33,8 +33,10 @@
 # (or `ci/hosts.sh exec HOST CMD`). The command starts in "/" of the host.
 #
 # --hook PATH installs /etc/libvirt/hooks/qemu on both hosts, a script that
-# execs PATH with the hook's arguments (and stdin). libvirtd reads hooks only
-# when it starts, so this is the only way to add one.
+# execs PATH with the hook's arguments (and stdin); when PATH is a folder
+# (the machine's /etc/libvirt/hooks with the installed package's
+# qemu.d/vmcrypt), its contents become each host's hooks folder. libvirtd
+# reads hooks only when it starts, so this is the only way to add one.
 #
 # `up` first cleans up whatever a previous run left (it runs `down`). `down`
 # kills every process in the hosts' namespaces (daemons, QEMU, vmcrypt-blk,
@@ -223,7 +225,10 @@ EOF
     # /sys/module/apparmor) and runs with "none" + DAC on its own (`virsh
     # capabilities`: secmodel none, dac +64055:+64055). On a host with
     # AppArmor, libvirt confines QEMU as well (README "Real hosts").
-    if [ -n "$HOOK" ]; then
+    if [ -d "$HOOK" ]; then
+        # A hooks folder as a package installed it (qemu.d/vmcrypt).
+        cp -a "$HOOK/." "$d/etc-libvirt/hooks/"
+    elif [ -n "$HOOK" ]; then
         cat >"$d/etc-libvirt/hooks/qemu" <<EOF
 #!/bin/sh
 # Installed by ci/hosts.sh up --hook
@@ -340,7 +345,7 @@ do_up() {
         command -v "$c" >/dev/null || die "$c not found (ci/install-deps.sh)"
     done
     if [ -n "$HOOK" ]; then
-        [ -x "$HOOK" ] || die "hook $HOOK is not an executable file"
+        [ -x "$HOOK" ] || die "hook $HOOK is not an executable file or a hooks folder"
         HOOK=$(readlink -f "$HOOK")
     fi
     do_down

@@ -97,6 +97,20 @@ impl HostsOptions {
         self.base = base.into();
         self
     }
+    /// vmcrypt's hook: the installed package's hook folder (copied into
+    /// each host's /etc/libvirt/hooks) when the tests run against the
+    /// package, else the workspace's `vmcrypt-hook`.
+    pub fn vmcrypt_hook(self) -> Result<Self> {
+        if crate::vmcrypt::installed() {
+            let dir = PathBuf::from("/etc/libvirt/hooks");
+            if !dir.join("qemu.d").join("vmcrypt").exists() {
+                bail!("VMCRYPT_INSTALLED is set but the package's hook /etc/libvirt/hooks/qemu.d/vmcrypt is missing");
+            }
+            return Ok(self.hook(dir));
+        }
+        Ok(self.hook(bin("vmcrypt-hook")?))
+    }
+
     pub fn hook(mut self, program: impl Into<PathBuf>) -> Self {
         self.hook = Some(program.into());
         self

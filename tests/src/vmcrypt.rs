@@ -60,10 +60,31 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target"))
 }
 
-/// Path of a vmcrypt binary, building the workspace's binaries once per test
-/// process (a no-op when they are up to date). Tests use the release build
-/// when `VMCRYPT_PROFILE=release`.
+/// The binaries the Debian package installs in /usr/bin.
+pub const PACKAGED: &[&str] = &["vmcrypt", "vmcrypt-hook", "vmcrypt-blk", "vmcrypt-migrate"];
+
+/// Whether the tests run against the installed package
+/// (`VMCRYPT_INSTALLED=1`, as CI does): the packaged binaries come from
+/// /usr/bin and libvirt's hook from /etc/libvirt/hooks.
+pub fn installed() -> bool {
+    std::env::var_os("VMCRYPT_INSTALLED").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Path of a vmcrypt binary: the installed one for the packaged binaries
+/// when [`installed`], else the workspace's, building the workspace's
+/// binaries once per test process (a no-op when they are up to date).
+/// Tests use the release build when `VMCRYPT_PROFILE=release`.
 pub fn bin(name: &str) -> Result<PathBuf> {
+    if installed() && PACKAGED.contains(&name) {
+        let p = Path::new("/usr/bin").join(name);
+        if !p.exists() {
+            bail!(
+                "VMCRYPT_INSTALLED is set but {} is missing: apt-get install ./target/debian/vmcrypt_*.deb",
+                p.display()
+            );
+        }
+        return Ok(p);
+    }
     static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     let profile = std::env::var("VMCRYPT_PROFILE").unwrap_or_else(|_| "debug".into());
     let built = BUILT.get_or_init(|| {

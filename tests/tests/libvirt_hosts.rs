@@ -28,7 +28,7 @@ use vmcrypt_tests::libvirt_domain::TestDomain;
 use vmcrypt_tests::migration::retry_if_guest_crashed;
 use vmcrypt_tests::netns::Bridge;
 use vmcrypt_tests::netrelay::{Fault, NetRelay};
-use vmcrypt_tests::vmcrypt::{bin, file_contains};
+use vmcrypt_tests::vmcrypt::file_contains;
 use vmcrypt_tests::vmcrypt_hosts::{
     migrate_daemon, share_keystore, vmcrypt, vmcrypt_domain, vmcrypt_ok,
 };
@@ -42,7 +42,7 @@ fn lo(port: u16) -> SocketAddr {
 }
 
 fn hosts() -> Result<TwoHosts> {
-    TwoHosts::up(&HostsOptions::new().hook(bin("vmcrypt-hook")?))
+    TwoHosts::up(&HostsOptions::new().vmcrypt_hook()?)
 }
 
 /// `vmcrypt ARGS` must fail with one line on stderr containing `want`.

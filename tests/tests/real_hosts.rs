@@ -38,7 +38,7 @@ const MARK_Q2: &str = "VMCRYPT-Q2-OVERLAY-DATA-9e07";
 const MARK_BASE: &str = "VMCRYPT-BASE-IMAGE-DATA-33fa";
 
 fn hosts() -> Result<TwoHosts> {
-    TwoHosts::up(&HostsOptions::new().hook(bin("vmcrypt-hook")?))
+    TwoHosts::up(&HostsOptions::new().vmcrypt_hook()?)
 }
 
 fn console(host: &Host, sock: &Path, name: &str) -> Result<Console> {

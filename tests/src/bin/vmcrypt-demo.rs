@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use vmcrypt_tests::hosts::{Host, HostsOptions, TwoHosts};
 use vmcrypt_tests::netrelay::NetRelay;
-use vmcrypt_tests::vmcrypt::{bin, file_contains};
+use vmcrypt_tests::vmcrypt::file_contains;
 use vmcrypt_tests::vmcrypt_hosts::{migrate_daemon, share_keystore, vmcrypt_domain, vmcrypt_ok};
 
 const SECRET: &str = "launch-codes: 0000-correct-horse-battery-staple";
@@ -52,7 +52,7 @@ fn demo() -> Result<()> {
         1,
         "Two libvirt hosts on this machine, each with vmcrypt's hook and migration daemon",
     );
-    let hosts = TwoHosts::up(&HostsOptions::new().hook(bin("vmcrypt-hook")?))?;
+    let hosts = TwoHosts::up(&HostsOptions::new().vmcrypt_hook()?)?;
     let (a, b) = (hosts.a(), hosts.b());
     println!(
         "    {} ({}) and {} ({}), up in {:.0?}; shared folder {}",
