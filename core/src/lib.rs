@@ -11,4 +11,5 @@ pub mod logging;
 pub mod luks;
 pub mod policy;
 pub mod size;
+pub mod unixsock;
 pub mod xts;

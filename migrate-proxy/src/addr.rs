@@ -3,10 +3,13 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
+
+use vmcrypt_core::unixsock::{self, Owner};
 
 /// Where to listen or connect.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,13 +57,21 @@ impl Addr {
         }
     }
 
-    /// Listens on the address (a stale unix socket file is replaced).
+    /// Listens on the address (a stale unix socket file is replaced). A
+    /// unix socket is root's, mode 0600: only root connects.
     pub fn listen(&self) -> io::Result<Listener> {
+        self.listen_for(None)
+    }
+
+    /// Listens for `owner` (the user the domain's QEMU runs as): a unix
+    /// socket is born mode 0600 and handed to it, and connections from any
+    /// uid but root, ours and the owner's are refused and logged.
+    pub fn listen_for(&self, owner: Option<Owner>) -> io::Result<Listener> {
         match self {
             Addr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a)?)),
             Addr::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+                let l = unixsock::bind(p, 0o600, owner)?;
+                Ok(Listener::Unix(l, p.clone(), owner.map(|o| o.uid)))
             }
         }
     }
@@ -101,8 +112,9 @@ fn unix_tuned(s: UnixStream) -> UnixStream {
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener),
-    /// Unix, with its path (removed on drop).
-    Unix(UnixListener, PathBuf),
+    /// Unix, with its path (removed on drop) and the uid allowed besides
+    /// root and ours.
+    Unix(UnixListener, PathBuf, Option<u32>),
 }
 
 impl Listener {
@@ -114,7 +126,23 @@ impl Listener {
                 s.set_nodelay(true)?;
                 Ok(Stream::Tcp(s))
             }
-            Listener::Unix(l, _) => Ok(Stream::Unix(unix_tuned(l.accept()?.0))),
+            Listener::Unix(l, path, owner) => loop {
+                let (s, _) = l.accept()?;
+                match unixsock::peer_cred(s.as_fd()) {
+                    Ok(c) if unixsock::peer_allowed(c.uid, *owner) => {
+                        return Ok(Stream::Unix(unix_tuned(s)))
+                    }
+                    Ok(c) => tracing::warn!(
+                        socket = %path.display(), pid = c.pid, uid = c.uid,
+                        "refused a connection: only root and QEMU's user may use this socket"
+                    ),
+                    Err(e) => tracing::warn!(
+                        socket = %path.display(),
+                        "refused a connection whose credentials cannot be read: {e}"
+                    ),
+                }
+                // Dropped; take the next one (or WouldBlock when none).
+            },
         }
     }
 
@@ -122,7 +150,7 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<Addr> {
         match self {
             Listener::Tcp(l) => Ok(Addr::Tcp(l.local_addr()?)),
-            Listener::Unix(_, p) => Ok(Addr::Unix(p.clone())),
+            Listener::Unix(_, p, _) => Ok(Addr::Unix(p.clone())),
         }
     }
 
@@ -130,14 +158,14 @@ impl Listener {
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         match self {
             Listener::Tcp(l) => l.set_nonblocking(on),
-            Listener::Unix(l, _) => l.set_nonblocking(on),
+            Listener::Unix(l, _, _) => l.set_nonblocking(on),
         }
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
+        if let Listener::Unix(_, p, _) = self {
             let _ = std::fs::remove_file(p);
         }
     }

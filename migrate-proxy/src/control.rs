@@ -48,6 +48,10 @@ pub struct Request {
     /// Migration nonce (hex).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// `arm-source` on a unix socket: `UID:GID` of the domain's QEMU, who
+    /// gets the socket (mode 0600) and may connect besides root.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl Request {

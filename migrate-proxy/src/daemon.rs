@@ -96,8 +96,13 @@ impl Daemon {
         if entries.contains_key(&id) {
             return Err(format!("migration {id} is already armed here"));
         }
+        let owner = req
+            .owner
+            .as_deref()
+            .map(str::parse::<vmcrypt_core::unixsock::Owner>)
+            .transpose()?;
         let listener = listen
-            .listen()
+            .listen_for(owner)
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let bound = listener
             .local_addr()

@@ -201,6 +201,8 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
             req.policy = Some(meta.policy.to_string());
             req.key = Some(key_hex.to_string());
             req.nonce = Some(nonce_hex.clone());
+            // The source QEMU (and root) may connect, nobody else.
+            req.owner = qemu_owner(&a.domain).map(|(uid, gid)| format!("{uid}:{gid}"));
             let resp = control::call(&paths::migrate_control(), &req)
                 .context("cannot arm the local vmcrypt-migrate")?;
             let listen = resp
@@ -209,7 +211,6 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
             let armed = Armed(id.clone());
             let (forward, uri, listen_address) = match a.local_transport {
                 LocalTransport::Unix => {
-                    give_socket_to_qemu(&socket, &a.domain);
                     let path = socket.display().to_string();
                     (format!("unix:{path}"), format!("unix://{path}"), None)
                 }
@@ -323,26 +324,6 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
-}
-
-/// Lets the domain's QEMU (and root) connect to the source socket, nobody
-/// else: mode 0600, owned by the user QEMU runs as. Best effort: when
-/// QEMU runs as root, or its pid cannot be found, root's 0600 is right.
-fn give_socket_to_qemu(socket: &std::path::Path, domain: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
-    let Some((uid, gid)) = qemu_owner(domain) else {
-        tracing::debug!(
-            domain,
-            "QEMU's user not found; the migration socket stays root's"
-        );
-        return;
-    };
-    if uid != 0 {
-        if let Err(e) = std::os::unix::fs::chown(socket, Some(uid), Some(gid)) {
-            tracing::warn!("cannot give {} to uid {uid}: {e}", socket.display());
-        }
-    }
 }
 
 /// The uid and gid of the domain's QEMU, from libvirt's pid file.
