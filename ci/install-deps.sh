@@ -20,6 +20,12 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v libvirtd >/dev/null || need+=(libvirt-daemon-system)
 command -v virsh >/dev/null || need+=(libvirt-clients)
 dpkg -s libvirt-dev >/dev/null 2>&1 || need+=(libvirt-dev)
+# Real-host tests: VMs made the way operators make them, and the AppArmor
+# rules the package ships, parsed (this kernel cannot load AppArmor).
+command -v virt-install >/dev/null || need+=(virtinst)
+command -v apparmor_parser >/dev/null || need+=(apparmor)
+command -v setpriv >/dev/null || need+=(util-linux)
+[ -x /usr/bin/python3 ] || need+=(python3)
 # The KMIP tests: openssl makes their certificates; PyKMIP runs in a venv.
 command -v openssl >/dev/null || need+=(openssl)
 PYKMIP_VENV=/opt/pykmip-venv
