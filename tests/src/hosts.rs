@@ -43,6 +43,10 @@ pub const HOST_B: &str = "vmc-b";
 /// Their addresses on the veth pair between them (a /24).
 pub const ADDR_A: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 pub const ADDR_B: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// The uid and gid QEMU runs as in the hosts: Debian's `libvirt-qemu`, as
+/// the stock qemu.conf has it.
+pub const QEMU_UID: u32 = 64055;
+pub const QEMU_GID: u32 = 64055;
 /// A directory for test sockets that exists (empty) in each host's `/run`.
 pub const SOCKET_DIR: &str = "/run/vmcrypt-test";
 /// Default base directory (`$VMC_HOSTS_BASE` overrides, as for the script).
@@ -385,8 +389,12 @@ impl Host {
             Some(p) => PathBuf::from(p),
             None => bin("vmcrypt-blk")?,
         };
+        // The hosts' QEMU runs as Debian's libvirt-qemu (stock qemu.conf):
+        // the socket is handed to it, as the hook does.
+        let mut cmd = self.command(program);
+        cmd.arg(format!("--owner={QEMU_UID}:{QEMU_GID}"));
         Blk::spawn(
-            self.command(program),
+            cmd,
             &format!(" on {}", self.name),
             (socket, image),
             args,

@@ -36,6 +36,7 @@ const QEMU_UID: u32 = 64055;
 const MARK_Q1: &str = "VMCRYPT-Q1-GUEST-DATA-51c2";
 const MARK_Q2: &str = "VMCRYPT-Q2-OVERLAY-DATA-9e07";
 const MARK_BASE: &str = "VMCRYPT-BASE-IMAGE-DATA-33fa";
+const MARK_B: &str = "VMCRYPT-WRITTEN-ON-B-0c8d";
 
 fn hosts() -> Result<TwoHosts> {
     TwoHosts::up(&HostsOptions::new().vmcrypt_hook()?)
@@ -334,6 +335,12 @@ fn virt_install_vms_once() -> Result<()> {
     drop(con2);
     let mut con2 = console(b, &c2, "q2")?;
     guest_reads(&mut con2, 8192, MARK_Q2, "q2 on vmc-b")?;
+    // It writes on vmc-b too, through vmc-b's vmcrypt-blk.
+    guest_write(&mut con2, 12288, MARK_B)?;
+    ensure!(
+        !file_contains(&l2, MARK_B.as_bytes())?,
+        "the image holds what the guest wrote on vmc-b in plaintext"
+    );
     ensure!(
         qemu_uid(b, "q2")? == QEMU_UID,
         "q2's QEMU on vmc-b is not libvirt-qemu"
@@ -359,6 +366,12 @@ fn virt_install_vms_once() -> Result<()> {
     let mut con2 = console(b, &c2, "q2")?;
     guest_reads(&mut con2, 8192, MARK_Q2, "q2 decrypted")?;
     guest_reads(&mut con2, 4096, MARK_BASE, "q2 decrypted, base data")?;
+    guest_reads(
+        &mut con2,
+        12288,
+        MARK_B,
+        "q2 decrypted, data written on vmc-b",
+    )?;
     ensure!(
         !blk_running_for("q1") && !blk_running_for("q2"),
         "a vmcrypt-blk still serves a decrypted VM"
