@@ -399,7 +399,14 @@ fn virt_install_vms_once() -> Result<()> {
         !out.status.success() && text.lines().any(|l| l.starts_with("FAIL migrate-daemon")),
         "doctor on vmc-b with its daemon down:\n{text}"
     );
-    let hook = a.outside("/etc/libvirt/hooks/qemu");
+    // The package's hook (qemu.d/vmcrypt), or the test wrapper (qemu).
+    let hook = [
+        a.outside("/etc/libvirt/hooks/qemu.d/vmcrypt"),
+        a.outside("/etc/libvirt/hooks/qemu"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .context("no hook installed on vmc-a")?;
     std::fs::rename(&hook, hook.with_extension("off"))?;
     let out = vmcrypt(a, &["doctor"])?;
     let text = String::from_utf8_lossy(&out.stdout);

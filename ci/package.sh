@@ -1,0 +1,29 @@
+#!/bin/bash
+# Builds vmcrypt's Debian package: release binaries, then cargo-deb
+# (installed into ~/.cargo/bin from crates.io when missing).
+#
+#   ci/package.sh            -> target/debian/vmcrypt_VERSION_ARCH.deb (path printed)
+#   ci/package.sh --install  ... and installs it with apt-get
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+install=no
+case "${1:-}" in
+--install) install=yes ;;
+"") ;;
+*) echo "usage: $0 [--install]" >&2; exit 2 ;;
+esac
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "package: installing cargo-deb" >&2
+    cargo install cargo-deb --locked --quiet
+fi
+cargo build --release --workspace --bins --quiet
+rm -f target/debian/vmcrypt_*.deb
+# Stripped: the release profile keeps line tables for profiling.
+cargo deb -p vmcrypt-cli --no-build --strip --quiet >/dev/null
+deb=$(ls -t target/debian/vmcrypt_*.deb | head -n 1)
+echo "$deb"
+if [ "$install" = yes ]; then
+    apt-get install -y -q "./$deb" >/dev/null
+    echo "package: installed $(dpkg-query -W -f '${Package} ${Version}' vmcrypt)" >&2
+fi
