@@ -37,6 +37,7 @@ const MARK_Q1: &str = "VMCRYPT-Q1-GUEST-DATA-51c2";
 const MARK_Q2: &str = "VMCRYPT-Q2-OVERLAY-DATA-9e07";
 const MARK_BASE: &str = "VMCRYPT-BASE-IMAGE-DATA-33fa";
 const MARK_B: &str = "VMCRYPT-WRITTEN-ON-B-0c8d";
+const MARK_VDB: &str = "VMCRYPT-ADDED-DISK-DATA-7a61";
 
 fn hosts() -> Result<TwoHosts> {
     TwoHosts::up(&HostsOptions::new().vmcrypt_hook()?)
@@ -48,16 +49,24 @@ fn console(host: &Host, sock: &Path, name: &str) -> Result<Console> {
 
 /// The guest writes `mark` at sector `sector` of /dev/vda, on disk.
 fn guest_write(con: &mut Console, sector: u64, mark: &str) -> Result<()> {
+    guest_write_on(con, "vda", sector, mark)
+}
+
+fn guest_write_on(con: &mut Console, dev: &str, sector: u64, mark: &str) -> Result<()> {
     con.run_ok(&format!(
-        "echo {mark} | dd of=/dev/vda bs=512 seek={sector} oflag=direct conv=sync,fsync 2>&1"
+        "echo {mark} | dd of=/dev/{dev} bs=512 seek={sector} oflag=direct conv=sync,fsync 2>&1"
     ))?;
     Ok(())
 }
 
-/// The guest reads `mark` back at `sector`.
+/// The guest reads `mark` back at `sector` of /dev/vda.
 fn guest_reads(con: &mut Console, sector: u64, mark: &str, what: &str) -> Result<()> {
+    guest_reads_on(con, "vda", sector, mark, what)
+}
+
+fn guest_reads_on(con: &mut Console, dev: &str, sector: u64, mark: &str, what: &str) -> Result<()> {
     let got = con.run_ok(&format!(
-        "dd if=/dev/vda bs=512 skip={sector} count=1 iflag=direct 2>/dev/null | head -c 64"
+        "dd if=/dev/{dev} bs=512 skip={sector} count=1 iflag=direct 2>/dev/null | head -c 64"
     ))?;
     ensure!(
         got.contains(mark),
@@ -268,11 +277,54 @@ fn virt_install_vms_once() -> Result<()> {
         );
     }
 
+    // q1 gets a second, new encrypted disk; bad requests are refused.
+    vmcrypt_fails(
+        a,
+        &["disk", "add", "q1", "--size", "16M", "--target", "vda"],
+        "already has a disk vda",
+    )?;
+    vmcrypt_fails(
+        a,
+        &["disk", "add", "q1", "--size", "16M", "--target", "sdb"],
+        "virtio disk name",
+    )?;
+    {
+        // A bad size is an argument error (clap's): exit 2, the reason first.
+        let out = vmcrypt(a, &["disk", "add", "q1", "--size", "1000"])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(2)
+                && err
+                    .lines()
+                    .next()
+                    .is_some_and(|l| l.contains("multiple of 512")),
+            "disk add --size 1000: {err}"
+        );
+    }
+    let out = vmcrypt_ok(a, &["disk", "add", "q1", "--size", "16M"])?;
+    ensure!(out.contains("added encrypted disk vdb"), "{out}");
+    let l1b = images.join("q1-vdb.luks");
+    ensure!(l1b.exists(), "no {}", l1b.display());
+
     // Both boot, as libvirt-qemu, and read what they wrote before.
     a.virsh(["start", "q1"])?;
     a.virsh(["start", "q2"])?;
     let mut con1 = console(a, &c1, "q1")?;
     guest_reads(&mut con1, 4096, MARK_Q1, "q1 encrypted")?;
+    // A new disk reads as zeros (encrypted zeros were written, not holes).
+    let nonzero = con1.run_ok(
+        "dd if=/dev/vdb bs=65536 count=4 iflag=direct 2>/dev/null | od -An -tx1 -v | tr -d ' 0\\n' | wc -c",
+    )?;
+    ensure!(
+        nonzero.trim() == "0",
+        "the new disk does not read as zeros ({nonzero:?} non-zero digits)"
+    );
+    guest_write_on(&mut con1, "vdb", 100, MARK_VDB)?;
+    guest_reads_on(&mut con1, "vdb", 100, MARK_VDB, "q1's added disk")?;
+    ensure!(
+        !file_contains(&l1b, MARK_VDB.as_bytes())?,
+        "the added disk holds plaintext"
+    );
     let mut con2 = console(a, &c2, "q2")?;
     guest_reads(&mut con2, 8192, MARK_Q2, "q2 encrypted, overlay data")?;
     guest_reads(&mut con2, 4096, MARK_BASE, "q2 encrypted, base data")?;
@@ -356,13 +408,20 @@ fn virt_install_vms_once() -> Result<()> {
     ensure!(out.contains("stays required"), "{out}");
     vmcrypt_ok(b, &["decrypt", "q2"])?;
     ensure!(
-        !l1.exists() && !l2.exists(),
+        !l1.exists() && !l2.exists() && !l1b.exists(),
         "the encrypted images are still there"
     );
     a.virsh(["start", "q1"])?;
     b.virsh(["start", "q2"])?;
     let mut con1 = console(a, &c1, "q1")?;
     guest_reads(&mut con1, 4096, MARK_Q1, "q1 decrypted")?;
+    guest_reads_on(
+        &mut con1,
+        "vdb",
+        100,
+        MARK_VDB,
+        "q1's added disk, decrypted",
+    )?;
     let mut con2 = console(b, &c2, "q2")?;
     guest_reads(&mut con2, 8192, MARK_Q2, "q2 decrypted")?;
     guest_reads(&mut con2, 4096, MARK_BASE, "q2 decrypted, base data")?;
