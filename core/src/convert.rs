@@ -321,6 +321,32 @@ pub fn decrypt_to(
             std::io::ErrorKind::AlreadyExists,
         )));
     }
+    let (scratch, dst, _) = decrypt_copy(image, dest, pass, progress)?;
+    commit(&scratch, &dst, dest)
+}
+
+/// Decrypts a LUKS image in place (via a new file) back to raw.
+pub fn decrypt(
+    image: &Path,
+    pass: &Passphrase,
+    progress: Progress<'_>,
+) -> Result<(), ConvertError> {
+    let (scratch, dst, header) = decrypt_copy(image, image, pass, progress)?;
+    commit(&scratch, &dst, image)?;
+    if let keyref::Location::Sidecar(p) = keyref::location(image, &header) {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+/// The decrypted payload of `image` in the scratch file of `dest`, not yet
+/// committed; with the image's header.
+fn decrypt_copy(
+    image: &Path,
+    dest: &Path,
+    pass: &Passphrase,
+    progress: Progress<'_>,
+) -> Result<(PathBuf, File, Header), ConvertError> {
     let src = open_ro(image)?;
     let (header, master) = unlock(image, &src, pass)?;
     let len = luks::payload_len(&src, &header)?;
@@ -334,33 +360,7 @@ pub fn decrypt_to(
         |sector, chunk| Ok(cipher.decrypt(sector, chunk).map_err(LuksError::from)?),
         progress,
     )?;
-    commit(&scratch, &dst, dest)
-}
-
-/// Decrypts a LUKS image in place (via a new file) back to raw.
-pub fn decrypt(
-    image: &Path,
-    pass: &Passphrase,
-    progress: Progress<'_>,
-) -> Result<(), ConvertError> {
-    let src = open_ro(image)?;
-    let (header, master) = unlock(image, &src, pass)?;
-    let len = luks::payload_len(&src, &header)?;
-    let (scratch, dst) = open_scratch(image)?;
-    dst.set_len(len).map_err(io("cannot size", &scratch))?;
-    let mut cipher = SectorCipher::new(&master).map_err(LuksError::from)?;
-    copy_transform(
-        (&src, image, header.payload_bytes()),
-        (&dst, &scratch, 0),
-        len,
-        |sector, chunk| Ok(cipher.decrypt(sector, chunk).map_err(LuksError::from)?),
-        progress,
-    )?;
-    commit(&scratch, &dst, image)?;
-    if let keyref::Location::Sidecar(p) = keyref::location(image, &header) {
-        let _ = std::fs::remove_file(p);
-    }
-    Ok(())
+    Ok((scratch, dst, header))
 }
 
 fn unlock(

@@ -406,6 +406,15 @@ fn virt_install_vms_once() -> Result<()> {
     b.virsh(["destroy", "q2"])?;
     let out = vmcrypt_ok(a, &["decrypt", "q1", "--format", "qcow2"])?;
     ensure!(out.contains("stays required"), "{out}");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(images.join("q1-vda.qcow2"))?;
+        ensure!(
+            m.mode() & 0o077 == 0,
+            "the decrypted qcow2 is mode {:o}",
+            m.mode() & 0o777
+        );
+    }
     vmcrypt_ok(b, &["decrypt", "q2"])?;
     ensure!(
         !l1.exists() && !l2.exists() && !l1b.exists(),

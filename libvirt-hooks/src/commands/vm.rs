@@ -169,6 +169,16 @@ fn crash_point(point: &str) {
     }
 }
 
+/// The local libvirt, the domain `name` and its UUID.
+fn open_domain(name: &str) -> anyhow::Result<(Connect, Domain, String)> {
+    let conn = connect()?;
+    let dom = lookup(&conn, name).with_context(|| format!("no domain named {name:?}"))?;
+    let uuid = dom
+        .uuid_string()
+        .map_err(|e| anyhow::anyhow!("cannot read {name}'s UUID: {}", e.message()))?;
+    Ok((conn, dom, uuid))
+}
+
 fn inactive_xml(dom: &Domain, name: &str) -> anyhow::Result<String> {
     // SECURE: passwords (VNC/SPICE) must survive the redefinition.
     dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
@@ -307,11 +317,7 @@ pub fn encrypt(
     rollback: bool,
     json: bool,
 ) -> anyhow::Result<bool> {
-    let conn = connect()?;
-    let dom = lookup(&conn, name).with_context(|| format!("no domain named {name:?}"))?;
-    let uuid = dom
-        .uuid_string()
-        .map_err(|e| anyhow::anyhow!("cannot read {name}'s UUID: {}", e.message()))?;
+    let (conn, dom, uuid) = open_domain(name)?;
     if let Some(j) = Journal::load(&uuid)? {
         if rollback {
             roll_back(&conn, j)?;
@@ -417,11 +423,7 @@ pub fn decrypt(name: &str, format: &str, keep_encrypted: bool, json: bool) -> an
     if !matches!(format, "raw" | "qcow2") {
         bail!("--format {format}: raw or qcow2");
     }
-    let conn = connect()?;
-    let dom = lookup(&conn, name).with_context(|| format!("no domain named {name:?}"))?;
-    let uuid = dom
-        .uuid_string()
-        .map_err(|e| anyhow::anyhow!("cannot read {name}'s UUID: {}", e.message()))?;
+    let (conn, dom, uuid) = open_domain(name)?;
     if let Some(j) = Journal::load(&uuid)? {
         if j.action != Action::Decrypt {
             bail!("{name} has an unfinished encryption: run `vmcrypt encrypt {name}` to finish it (or --rollback)");
@@ -595,10 +597,21 @@ fn copy_out(
     convert::decrypt_to(&d.from, &raw, pass, progress)?;
     let tmp = convert::scratch_path(&d.to);
     let _ = std::fs::remove_file(&tmp);
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["convert", "-f", "raw", "-O", "qcow2"])
         .arg(&raw)
-        .arg(&tmp)
+        .arg(&tmp);
+    // The plaintext qcow2 is born 0600, as the raw one is: no window in
+    // which another user could open it.
+    // SAFETY: umask is async-signal-safe and only changes the child's mask.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+    let out = cmd
         .output()
         .context("cannot run qemu-img (install qemu-utils)")?;
     let _ = std::fs::remove_file(&raw);
@@ -773,14 +786,10 @@ pub fn disk_add(
     provider: Option<&str>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let conn = connect()?;
-    let dom = lookup(&conn, name).with_context(|| format!("no domain named {name:?}"))?;
+    let (conn, dom, uuid) = open_domain(name)?;
     if !dom.is_persistent().unwrap_or(false) {
         bail!("{name} is transient: disks are added to a defined domain");
     }
-    let uuid = dom
-        .uuid_string()
-        .map_err(|e| anyhow::anyhow!("cannot read {name}'s UUID: {}", e.message()))?;
     if Journal::load(&uuid)?.is_some() {
         bail!("{name} has an unfinished conversion: run `vmcrypt encrypt {name}` or `vmcrypt decrypt {name}` first");
     }
