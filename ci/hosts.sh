@@ -18,15 +18,17 @@
 #         /var/log/libvirt     -> $BASE/HOST/log-libvirt
 #         /var/cache/libvirt   -> $BASE/HOST/cache-libvirt
 #         /etc/vmcrypt         -> $BASE/HOST/etc-vmcrypt
+#         /etc/pki             -> $BASE/HOST/etc-pki       (libvirt's TLS certificates)
 #         /var/lib/vmcrypt     -> $BASE/HOST/lib-vmcrypt
 #         /var/log/vmcrypt     -> $BASE/HOST/log-vmcrypt
 #         /etc/hosts           -> $BASE/HOST/hosts         (vmc-a and vmc-b resolvable)
 #     Everything else is the machine's own file system, so $BASE/shared (and
 #     the repository, the guest kernel, ...) have the same path on both hosts.
 #     /run/vmcrypt-test exists on each host for test sockets.
-#   * its own virtlogd and libvirtd (--listen; TCP 16509 without auth, TLS
-#     off; distinct host_uuid), started by hand: qemu:///system inside the
-#     host, qemu+tcp://10.77.0.x/system from the other host.
+#   * its own virtlogd and libvirtd (--listen: TLS on 16514 as libvirtd.conf
+#     ships it, with a certificate of a test CA made by `up`; distinct
+#     host_uuid), started by hand: qemu:///system inside the host,
+#     qemu+tls://HOST/system from the other host.
 #
 # Run a command on a host:
 #   nsenter --net=/run/netns/HOST --mount=$BASE/ns/HOST.mnt --uts=$BASE/ns/HOST.uts -- CMD
@@ -61,6 +63,7 @@ BINDS=(
     /var/log/libvirt:log-libvirt
     /var/cache/libvirt:cache-libvirt
     /etc/vmcrypt:etc-vmcrypt
+    /etc/pki:etc-pki
     /var/lib/vmcrypt:lib-vmcrypt
     /var/log/vmcrypt:log-vmcrypt
 )
@@ -212,9 +215,6 @@ prepare_host() {
 
 # ---- added by ci/hosts.sh for test host $h ----
 host_uuid = "$uuid"
-listen_tcp = 1
-listen_tls = 0
-auth_tcp = "none"
 log_outputs = "${VMC_HOSTS_LOG_LEVEL:-3}:file:/var/log/libvirt/libvirtd.log"
 EOF
     # qemu.conf stays exactly as Debian ships it: QEMU runs as libvirt-qemu
@@ -250,6 +250,42 @@ EOF
             echo "${ADDR[$x]} $x"
         done
     } >"$d/hosts"
+}
+
+# libvirt's TLS as a real host has it (libvirtd.conf unchanged: listen_tls,
+# x509 client certificates): a test CA for both hosts, and for each host a
+# server certificate (its name and address) and a client certificate, where
+# libvirt looks for them (/etc/pki, per host).
+make_pki() {
+    local ca=$BASE/pki h d
+    mkdir -p "$ca"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj "/CN=vmcrypt test CA" -keyout "$ca/ca.key" -out "$ca/ca.pem" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        2>/dev/null || die "openssl: cannot make the test CA"
+    for h in "${HOSTS[@]}"; do
+        d=$BASE/$h/etc-pki
+        mkdir -p "$d/CA" "$d/libvirt/private"
+        chmod 700 "$d/libvirt/private"
+        cp "$ca/ca.pem" "$d/CA/cacert.pem"
+        issue "$h" server "serverAuth" "subjectAltName=DNS:$h,IP:${ADDR[$h]}" \
+            "$d/libvirt/servercert.pem" "$d/libvirt/private/serverkey.pem"
+        issue "$h" client "clientAuth" "subjectAltName=DNS:$h" \
+            "$d/libvirt/clientcert.pem" "$d/libvirt/private/clientkey.pem"
+    done
+}
+
+# issue HOST KIND EKU EXT CERT KEY: a P-256 certificate from the test CA.
+issue() {
+    local h=$1 kind=$2 eku=$3 ext=$4 cert=$5 key=$6 ca=$BASE/pki
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/O=vmcrypt test/CN=$h" \
+        -keyout "$key" -out "$cert.csr" 2>/dev/null || die "openssl: $kind key for $h"
+    chmod 600 "$key"
+    openssl x509 -req -in "$cert.csr" -CA "$ca/ca.pem" -CAkey "$ca/ca.key" -CAcreateserial \
+        -days 2 -out "$cert" -extfile <(printf '%s\n' "basicConstraints=CA:FALSE" \
+        "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=$eku" "$ext") \
+        2>/dev/null || die "openssl: $kind certificate for $h"
+    rm -f "$cert.csr"
 }
 
 setup_network() {
@@ -352,12 +388,13 @@ do_up() {
     mkdir -p "$BASE"
     BASE=$(readlink -f "$BASE")
     echo "$BASE" >"$STATE"
-    rm -rf "$BASE/logs" "$BASE/shared" "$BASE/ns"
+    rm -rf "$BASE/logs" "$BASE/shared" "$BASE/ns" "$BASE/pki"
     mkdir -p "$BASE/logs" "$BASE/shared" "$BASE/ns"
     chmod 755 "$BASE" "$BASE/shared"
     for h in "${HOSTS[@]}"; do
         prepare_host "$h"
     done
+    make_pki
     setup_network
     # The pin files must sit on a private mount.
     mount --bind "$BASE/ns" "$BASE/ns"
@@ -397,7 +434,7 @@ print_facts() {
     local h
     for h in "${HOSTS[@]}"; do
         cat <<EOF
-$h: ${ADDR[$h]}  qemu+tcp://${ADDR[$h]}/system  (inside: qemu:///system)
+$h: ${ADDR[$h]}  qemu+tls://$h/system  (inside: qemu:///system)
   run:  $(nsprefix "$h") CMD
   dirs: $BASE/$h/{run,etc-libvirt,lib-libvirt,log-libvirt,cache-libvirt,etc-vmcrypt,lib-vmcrypt,log-vmcrypt}
 EOF

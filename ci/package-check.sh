@@ -18,7 +18,7 @@ deb=$(readlink -f "$deb")
 fail() { echo "package-check: FAIL: $*" >&2; exit 1; }
 ok() { echo "package-check: ok: $*"; }
 
-apt-get install -y -q "$deb" >/tmp/vmcrypt-package-check.log 2>&1 || {
+apt-get install -y -q --reinstall "$deb" >/tmp/vmcrypt-package-check.log 2>&1 || {
     cat /tmp/vmcrypt-package-check.log >&2
     fail "apt-get install $deb"
 }

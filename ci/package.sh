@@ -24,6 +24,17 @@ cargo deb -p vmcrypt-cli --no-build --strip --quiet >/dev/null
 deb=$(ls -t target/debian/vmcrypt_*.deb | head -n 1)
 echo "$deb"
 if [ "$install" = yes ]; then
-    apt-get install -y -q "./$deb" >/dev/null
+    # --reinstall: a rebuilt package of the same version must replace the
+    # installed one (apt skips it otherwise).
+    apt-get install -y -q --reinstall "./$deb" >/dev/null
+    # What is installed must be this build (same GNU build id as target/release).
+    for b in vmcrypt vmcrypt-hook vmcrypt-blk vmcrypt-migrate; do
+        built=$(readelf -n "target/release/$b" | sed -n 's/.*Build ID: //p')
+        inst=$(readelf -n "/usr/bin/$b" | sed -n 's/.*Build ID: //p')
+        [ -n "$built" ] && [ "$built" = "$inst" ] || {
+            echo "package: /usr/bin/$b is not this build ($inst vs $built)" >&2
+            exit 1
+        }
+    done
     echo "package: installed $(dpkg-query -W -f '${Package} ${Version}' vmcrypt)" >&2
 fi

@@ -63,6 +63,7 @@ const BINDS: &[(&str, &str)] = &[
     ("/var/log/libvirt", "log-libvirt"),
     ("/var/cache/libvirt", "cache-libvirt"),
     ("/etc/vmcrypt", "etc-vmcrypt"),
+    ("/etc/pki", "etc-pki"),
     ("/var/lib/vmcrypt", "lib-vmcrypt"),
     ("/var/log/vmcrypt", "log-vmcrypt"),
     ("/etc/hosts", "hosts"),
@@ -290,9 +291,10 @@ impl Host {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// `qemu+tcp://ADDR/system`: this host's libvirt, from the other host.
+    /// `qemu+tls://NAME/system`: this host's libvirt, from the other host
+    /// (TLS with the test CA's certificates, as libvirtd.conf ships it).
     pub fn uri(&self) -> String {
-        format!("qemu+tcp://{}/system", self.addr)
+        format!("qemu+tls://{}/system", self.name)
     }
 
     /// The directory both hosts (and the test) see at the same path.

@@ -183,9 +183,9 @@ fn kek_hex(keystore: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
-/// `vmcrypt migrate` with the test's options (qemu+tcp between the hosts).
+/// `vmcrypt migrate` with the test's options (qemu+tls between the hosts).
 fn migrate_args<'a>(dom: &'a str, dst: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec!["migrate", dom, dst, "--allow-insecure-transport"];
+    let mut v = vec!["migrate", dom, dst];
     v.extend_from_slice(extra);
     v
 }

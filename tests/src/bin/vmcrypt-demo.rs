@@ -136,20 +136,9 @@ fn demo() -> Result<()> {
         .parse::<u64>()
         .unwrap_or(0);
     let relay = format!("127.0.0.1:{}", wire.addr().port());
-    vmcrypt(
-        a,
-        &[
-            "migrate",
-            VM,
-            &b.uri(),
-            "--allow-insecure-transport",
-            "--peer",
-            &relay,
-        ],
-    )?;
+    vmcrypt(a, &["migrate", VM, &b.uri(), "--peer", &relay])?;
     println!(
-        "    (qemu+tcp between the demo hosts; real hosts use qemu+tls:// or qemu+ssh://, and \
-         --allow-insecure-transport is refused otherwise)"
+        "    (libvirt itself talks qemu+tls:// between the hosts, with certificates of a test CA)"
     );
     ensure!(
         !wire.contains(SECRET.as_bytes()),
