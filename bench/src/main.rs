@@ -3,12 +3,16 @@
 //! `vmcrypt-bench disk` drives vhost-user-blk exports (vmcrypt-blk encrypted
 //! and plain, qemu-storage-daemon raw and LUKS) through the `blkio` crate and
 //! prints medians and the ratios the project's targets are about.
+//! `vmcrypt-bench migrate` does the same for QEMU live migration, and
+//! `vmcrypt-bench convert` for converting a qcow2 image (`vmcrypt image
+//! import` against `qemu-img convert`).
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod args;
+mod convert;
 mod disk;
 mod machine;
 mod migrate;
@@ -30,6 +34,9 @@ enum Command {
     /// QEMU live migration of random guest RAM: direct, through
     /// vmcrypt-migrate (encrypted, plain relay), and QEMU's native TLS.
     Migrate(migrate::MigrateArgs),
+    /// Converting a qcow2 image: vmcrypt image import (LUKS1, verified)
+    /// against qemu-img convert to raw and to QEMU's LUKS, on tmpfs.
+    Convert(convert::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +45,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Disk(args) => disk::run(args),
         Command::Migrate(args) => migrate::run(args),
+        Command::Convert(args) => convert::run(args),
     };
     match result {
         Ok(code) => code,

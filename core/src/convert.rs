@@ -195,7 +195,7 @@ pub fn encrypt(
 
 /// A guest disk's contents, readable at any offset: a raw file, or a
 /// qcow2 chain mapped by its owner. Bytes past the end read as zeros.
-pub trait DiskSource {
+pub trait DiskSource: Sync {
     /// The disk's size in bytes, as the guest sees it.
     fn len(&self) -> u64;
     /// Whether the disk is empty.
@@ -252,6 +252,25 @@ pub fn encrypt_into(
     key_ref: Option<&KeyRef>,
     progress: Progress<'_>,
 ) -> Result<(), ConvertError> {
+    encrypt_into_checked(src, dest, pass, key_ref, progress, &|_, _| {})
+}
+
+/// Guest bytes per step of [`encrypt_into`]'s pipeline.
+const PIPE_CHUNK: usize = 4 << 20;
+
+/// [`encrypt_into`], with `between` called on the written, synced scratch
+/// file (and the payload's offset) before the check: the tests damage it
+/// there to see the check catch it.
+fn encrypt_into_checked(
+    src: &dyn DiskSource,
+    dest: &Path,
+    pass: &Passphrase,
+    key_ref: Option<&KeyRef>,
+    progress: Progress<'_>,
+    between: &dyn Fn(&File, u64),
+) -> Result<(), ConvertError> {
+    use xxhash_rust::xxh3::xxh3_64;
+    use zeroize::Zeroize;
     if dest.symlink_metadata().is_ok() {
         return Err(io("refusing to overwrite", dest)(std::io::Error::from(
             std::io::ErrorKind::AlreadyExists,
@@ -265,47 +284,191 @@ pub fn encrypt_into(
     let header = luks::create_with_key(&dst, len, pass, &CreateOptions::default(), &master)?;
     let base = header.payload_bytes();
     let mut cipher = SectorCipher::new(&master).map_err(LuksError::from)?;
-    let mut buf = Zeroizing::new(vec![0u8; CHUNK]);
-    let mut check = Zeroizing::new(vec![0u8; CHUNK]);
     let total = len.saturating_mul(2);
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(CHUNK as u64) as usize;
-        let chunk = &mut buf[..n];
-        src.read_at(chunk, done)
-            .map_err(io("cannot read the disk behind", dest))?;
-        cipher
-            .encrypt(done / SECTOR, chunk)
-            .map_err(LuksError::from)?;
-        dst.write_all_at(chunk, base + done)
-            .map_err(io("cannot write", &scratch))?;
-        done += n as u64;
-        progress(done, total);
-    }
+    // Pass 1: one thread reads the source (and hashes each chunk's first
+    // sector of plaintext), this one encrypts, writes, and hashes the
+    // ciphertext it wrote.
+    let chunks = len.div_ceil(PIPE_CHUNK as u64) as usize;
+    let mut sums = Vec::with_capacity(chunks);
+    let t0 = std::time::Instant::now();
+    pipeline(
+        len,
+        |buf, at| {
+            src.read_at(buf, at)
+                .map_err(io("cannot read the disk behind", dest))?;
+            Ok(xxh3_64(&buf[..buf.len().min(SECTOR as usize)]))
+        },
+        |at, buf, head| {
+            cipher.encrypt(at / SECTOR, buf).map_err(LuksError::from)?;
+            dst.write_all_at(buf, base + at)
+                .map_err(io("cannot write", &scratch))?;
+            sums.push((xxh3_64(buf), head));
+            progress(at + buf.len() as u64, total);
+            Ok(())
+        },
+    )?;
     if let Some(r) = key_ref {
         keyref::write(dest, &dst, &header, r)?;
     }
+    let t_write = t0.elapsed();
     dst.sync_all().map_err(io("cannot sync", &scratch))?;
-    // Verify what storage holds, not what we meant to write.
-    let mut at = 0u64;
-    while at < len {
-        let n = (len - at).min(CHUNK as u64) as usize;
-        let (got, want) = (&mut buf[..n], &mut check[..n]);
-        dst.read_exact_at(got, base + at)
-            .map_err(io("cannot read back", &scratch))?;
-        cipher.decrypt(at / SECTOR, got).map_err(LuksError::from)?;
-        src.read_at(want, at)
-            .map_err(io("cannot read the disk behind", dest))?;
-        if got != want {
-            return Err(ConvertError::Verify {
-                path: dest.display().to_string(),
-                offset: at,
+    let t_sync = t0.elapsed();
+    between(&dst, base);
+    // Pass 2: what the file holds must hash as what was written, and each
+    // chunk's first sector must decrypt to the plaintext read. Read through
+    // a mapping of the file: no second copy of the whole disk.
+    let map = ReadMap::new(&dst, base, len).map_err(io("cannot map", &scratch))?;
+    let stored = map.bytes();
+    // Two threads, each checking every other chunk.
+    let check = |parity: usize| -> Result<Option<u64>, ConvertError> {
+        let mut c = SectorCipher::new(&master).map_err(LuksError::from)?;
+        let mut first = [0u8; SECTOR as usize];
+        for (i, (sum, head)) in sums.iter().enumerate().skip(parity).step_by(2) {
+            let at = i as u64 * PIPE_CHUNK as u64;
+            let n = (len - at).min(PIPE_CHUNK as u64) as usize;
+            let chunk = &stored[at as usize..at as usize + n];
+            let h = first.len().min(n);
+            first[..h].copy_from_slice(&chunk[..h]);
+            c.decrypt(at / SECTOR, &mut first[..h])
+                .map_err(LuksError::from)?;
+            let ok = xxh3_64(chunk) == *sum && xxh3_64(&first[..h]) == *head;
+            first.zeroize();
+            if !ok {
+                return Ok(Some(at));
+            }
+        }
+        Ok(None)
+    };
+    let bad = std::thread::scope(|sc| {
+        let other = sc.spawn(|| check(1));
+        let mine = check(0);
+        let theirs = other.join().unwrap_or_else(|_| {
+            Err(io("cannot check", &scratch)(std::io::Error::other(
+                "checker panicked",
+            )))
+        });
+        Ok::<_, ConvertError>(match (mine?, theirs?) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    })?;
+    drop(map);
+    if let Some(offset) = bad {
+        return Err(ConvertError::Verify {
+            path: dest.display().to_string(),
+            offset,
+        });
+    }
+    progress(total, total);
+    tracing::debug!(
+        write = ?t_write, sync = ?(t_sync - t_write), check = ?(t0.elapsed() - t_sync),
+        bytes = len, "converted"
+    );
+    commit(&scratch, &dst, dest)
+}
+
+/// A read-only mapping of `len` bytes of a file from `offset` (page
+/// aligned), unmapped on drop.
+struct ReadMap {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl ReadMap {
+    fn new(file: &File, offset: u64, len: u64) -> std::io::Result<ReadMap> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(len).map_err(std::io::Error::other)?;
+        if len == 0 {
+            return Ok(ReadMap {
+                ptr: std::ptr::null_mut(),
+                len,
             });
         }
-        at += n as u64;
-        progress(len + at, total);
+        let off = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
+        // SAFETY: a fresh read-only shared mapping of a file we hold open;
+        // the kernel checks fd, offset alignment and length.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(ReadMap { ptr, len })
     }
-    commit(&scratch, &dst, dest)
+
+    fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: ptr maps len readable bytes for as long as self lives;
+        // only this process writes the file, and not while mapped.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for ReadMap {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            // SAFETY: unmapping exactly what new() mapped.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
+}
+
+type Chunk = (u64, Zeroizing<Vec<u8>>, u64);
+
+/// Runs `read` (on a thread of its own) and `consume` (on this one) over
+/// `len` bytes in [`PIPE_CHUNK`] steps, so that reading overlaps the
+/// work. `read` fills a buffer at an offset and returns a value passed on
+/// with it. Buffers are zeroized when dropped.
+fn pipeline<R, C>(len: u64, read: R, mut consume: C) -> Result<(), ConvertError>
+where
+    R: Fn(&mut [u8], u64) -> Result<u64, ConvertError> + Sync,
+    C: FnMut(u64, &mut [u8], u64) -> Result<(), ConvertError>,
+{
+    use std::sync::mpsc::sync_channel;
+    let (full_tx, full_rx) = sync_channel::<Result<Chunk, ConvertError>>(2);
+    let (empty_tx, empty_rx) = sync_channel::<Zeroizing<Vec<u8>>>(3);
+    for _ in 0..3 {
+        let _ = empty_tx.send(Zeroizing::new(vec![0u8; PIPE_CHUNK]));
+    }
+    std::thread::scope(|s| {
+        let read = &read;
+        s.spawn(move || {
+            let mut at = 0u64;
+            while at < len {
+                // The consumer stopped (done or failed): so do we.
+                let Ok(mut buf) = empty_rx.recv() else { return };
+                let n = (len - at).min(PIPE_CHUNK as u64) as usize;
+                let r = read(&mut buf[..n], at).map(|v| (at, buf, v));
+                let failed = r.is_err();
+                if full_tx.send(r).is_err() || failed {
+                    return;
+                }
+                at += n as u64;
+            }
+        });
+        let mut done = 0u64;
+        while done < len {
+            let (at, mut buf, v) = full_rx.recv().map_err(|_| {
+                io("cannot read", Path::new("(reader stopped)"))(std::io::Error::other(
+                    "reader thread ended",
+                ))
+            })??;
+            let n = (len - at).min(PIPE_CHUNK as u64) as usize;
+            consume(at, &mut buf[..n], v)?;
+            done = at + n as u64;
+            let _ = empty_tx.send(buf);
+        }
+        Ok(())
+    })
 }
 
 /// Decrypts the LUKS image `image` into a new raw file `dest` (through
@@ -560,24 +723,6 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// A disk whose bytes change between the write and the check, as a
-    /// faulty disk or a concurrent writer would make them.
-    struct Flaky(std::cell::Cell<u32>);
-
-    impl DiskSource for Flaky {
-        fn len(&self) -> u64 {
-            3 << 20
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-            let n = self.0.get();
-            self.0.set(n + 1);
-            // The first pass reads 3 chunks; the check pass sees other bytes.
-            buf.fill(if n < 3 { 7 } else { 8 });
-            let _ = offset;
-            Ok(())
-        }
-    }
-
     #[test]
     fn encrypt_into_verifies_and_decrypt_to_gives_the_disk_back() {
         let dir = std::env::temp_dir().join(format!("vmcrypt-conv3-{}", std::process::id()));
@@ -616,21 +761,23 @@ mod tests {
         decrypt_to(&luks_img, &back, &pass("p"), &mut |_, _| {}).unwrap();
         data.resize(data.len().div_ceil(512) * 512, 0);
         assert_eq!(std::fs::read(&back).unwrap(), data);
-        // A source that reads back differently is caught, and nothing is
-        // left under the final name.
+        // Storage that does not hold what was written is caught, and
+        // nothing is left under the final name.
         let bad = dir.join("bad.luks");
-        let e = encrypt_into(
-            &Flaky(Default::default()),
-            &bad,
-            &pass("p"),
-            None,
-            &mut |_, _| {},
-        );
+        let flip = |f: &File, base: u64| {
+            let at = base + (1 << 20) + 7;
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, at).unwrap();
+            f.write_all_at(&[b[0] ^ 1], at).unwrap();
+        };
+        let e = encrypt_into_checked(&src, &bad, &pass("p"), None, &mut |_, _| {}, &flip);
         assert!(
             matches!(e, Err(ConvertError::Verify { offset: 0, .. })),
             "{e:?}"
         );
         assert!(!bad.exists());
+        // Untouched, the same source converts (the control).
+        encrypt_into_checked(&src, &bad, &pass("p"), None, &mut |_, _| {}, &|_, _| {}).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,7 +9,6 @@
 //! `qemu-img dd` into a memfd, a window at a time: plaintext only ever sits
 //! in memory, never in a file.
 
-use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -17,6 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use serde::Deserialize;
 use vmcrypt_core::convert::DiskSource;
@@ -159,7 +159,7 @@ pub struct MappedDisk {
     layers: Vec<File>,
     extents: Vec<Extent>,
     /// The last window `qemu-img dd` decoded: (guest offset, memfd, bytes).
-    window: RefCell<Option<(u64, File, u64)>>,
+    window: Mutex<Option<(u64, File, u64)>>,
 }
 
 impl MappedDisk {
@@ -213,7 +213,7 @@ impl MappedDisk {
             len,
             layers,
             extents,
-            window: RefCell::new(None),
+            window: Mutex::new(None),
         })
     }
 
@@ -234,7 +234,10 @@ impl MappedDisk {
     /// Reads `buf.len()` bytes at `pos` of unmapped data through a decoded
     /// window.
     fn read_decoded(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
-        let mut w = self.window.borrow_mut();
+        let mut w = self
+            .window
+            .lock()
+            .map_err(|_| io::Error::other("decode window poisoned"))?;
         let hit = matches!(&*w, Some((at, _, n)) if *at <= pos && pos + buf.len() as u64 <= at + n);
         if !hit {
             let at = pos - pos % WINDOW;
