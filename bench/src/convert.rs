@@ -433,49 +433,10 @@ fn make_source(ctx: &Ctx, size: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Finds (and, under cargo, first builds) vmcrypt, as the other benchmarks do.
+/// Finds (and, under cargo, first builds) vmcrypt.
 fn vmcrypt_binary(args: &ConvertArgs) -> anyhow::Result<PathBuf> {
-    let dir = match &args.bin_dir {
-        Some(d) => d.clone(),
-        None => {
-            let exe = std::env::current_exe().context("cannot find this program's path")?;
-            let here = exe.parent().context("this program has no directory")?;
-            let dir = if here.file_name().is_some_and(|n| n == "debug") {
-                here.with_file_name("release")
-            } else {
-                here.to_path_buf()
-            };
-            if let Some(cargo) = std::env::var_os("CARGO") {
-                eprintln!("building vmcrypt (cargo build --release)");
-                let status = Command::new(cargo)
-                    .args([
-                        "build",
-                        "--release",
-                        "--quiet",
-                        "-p",
-                        "vmcrypt-cli",
-                        "--bin",
-                        "vmcrypt",
-                    ])
-                    .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                    .stdout(Stdio::null())
-                    .status()
-                    .context("cannot run cargo")?;
-                if !status.success() {
-                    bail!("cargo build --release -p vmcrypt-cli failed ({status})");
-                }
-            }
-            dir
-        }
-    };
-    let bin = dir.join("vmcrypt");
-    if !bin.is_file() {
-        bail!(
-            "{} not found; build it with cargo build --release -p vmcrypt-cli --bin vmcrypt or pass --bin-dir",
-            bin.display()
-        );
-    }
-    Ok(bin)
+    let mut v = proc::release_binaries(args.bin_dir.as_deref(), &[("vmcrypt-cli", "vmcrypt")])?;
+    v.pop().context("no binary")
 }
 
 /// QEMU option values escape commas by doubling them.

@@ -405,3 +405,66 @@ impl Drop for ScratchDir {
         }
     }
 }
+
+/// The release build of each binary `(package, binary)` in `bin_dir`, or
+/// else beside this program (its `release` sibling when this is a debug
+/// build), built first with `cargo build --release` when run under cargo.
+pub fn release_binaries(
+    bin_dir: Option<&Path>,
+    wanted: &[(&str, &str)],
+) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = match bin_dir {
+        Some(d) => d.to_path_buf(),
+        None => {
+            let exe = std::env::current_exe().context("cannot find this program's path")?;
+            let here = exe.parent().context("this program has no directory")?;
+            // Always the release binaries, even from a debug client.
+            let dir = if here.file_name().is_some_and(|n| n == "debug") {
+                here.with_file_name("release")
+            } else {
+                here.to_path_buf()
+            };
+            if let Some(cargo) = std::env::var_os("CARGO") {
+                let mut c = Command::new(cargo);
+                c.args(["build", "--release", "--quiet"]);
+                for (pkg, bin) in wanted {
+                    c.args(["-p", pkg, "--bin", bin]);
+                }
+                eprintln!("building {} (cargo build --release)", names(wanted));
+                let status = c
+                    .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .context("cannot run cargo")?;
+                if !status.success() {
+                    anyhow::bail!(
+                        "cargo build --release of {} failed ({status})",
+                        names(wanted)
+                    );
+                }
+            }
+            dir
+        }
+    };
+    wanted
+        .iter()
+        .map(|(pkg, bin)| {
+            let p = dir.join(bin);
+            if !p.is_file() {
+                anyhow::bail!(
+                    "{} not found; build it with cargo build --release -p {pkg} or pass --bin-dir",
+                    p.display()
+                );
+            }
+            Ok(p)
+        })
+        .collect()
+}
+
+fn names(wanted: &[(&str, &str)]) -> String {
+    wanted
+        .iter()
+        .map(|(_, b)| *b)
+        .collect::<Vec<_>>()
+        .join(" and ")
+}

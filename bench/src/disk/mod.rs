@@ -404,53 +404,18 @@ fn dedup<T: PartialEq>(v: Vec<T>) -> Vec<T> {
 
 /// Finds (and, under cargo, first builds) vmcrypt-blk and vmcrypt.
 fn binaries(args: &DiskArgs) -> anyhow::Result<Bins> {
-    let dir = match &args.bin_dir {
-        Some(d) => d.clone(),
-        None => {
-            let exe = std::env::current_exe().context("cannot find this program's path")?;
-            let here = exe.parent().context("this program has no directory")?;
-            // Always the release binaries, even from a debug client.
-            let dir = if here.file_name().is_some_and(|n| n == "debug") {
-                here.with_file_name("release")
-            } else {
-                here.to_path_buf()
-            };
-            if let Some(cargo) = std::env::var_os("CARGO") {
-                eprintln!("building vmcrypt-blk and vmcrypt (cargo build --release)");
-                let status = Command::new(cargo)
-                    .args([
-                        "build",
-                        "--release",
-                        "--quiet",
-                        "-p",
-                        "vmcrypt-blk",
-                        "-p",
-                        "vmcrypt-cli",
-                    ])
-                    .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                    .stdout(std::process::Stdio::null())
-                    .status()
-                    .context("cannot run cargo")?;
-                if !status.success() {
-                    bail!("cargo build --release -p vmcrypt-blk -p vmcrypt-cli failed ({status})");
-                }
-            }
-            dir
-        }
-    };
-    let bins = Bins {
-        vmcrypt_blk: dir.join("vmcrypt-blk"),
-        vmcrypt: dir.join("vmcrypt"),
-    };
-    for b in [&bins.vmcrypt_blk, &bins.vmcrypt] {
-        if !b.is_file() {
-            bail!(
-                "{} not found; build it with cargo build --release -p vmcrypt-blk -p vmcrypt-cli or pass --bin-dir",
-                b.display()
-            );
-        }
+    let mut v = proc::release_binaries(
+        args.bin_dir.as_deref(),
+        &[("vmcrypt-blk", "vmcrypt-blk"), ("vmcrypt-cli", "vmcrypt")],
+    )?
+    .into_iter();
+    match (v.next(), v.next()) {
+        (Some(vmcrypt_blk), Some(vmcrypt)) => Ok(Bins {
+            vmcrypt_blk,
+            vmcrypt,
+        }),
+        _ => anyhow::bail!("internal: two binaries asked, fewer found"),
     }
-    Ok(bins)
 }
 
 /// The key file, a raw image and a LUKS image of the same disk size, both

@@ -1013,37 +1013,9 @@ fn wait_quiet(limit: u64, quiet: f64) -> anyhow::Result<()> {
 
 /// Finds (and, under cargo, first builds) vmcrypt-migrate.
 fn proxy_binary(args: &MigrateArgs) -> anyhow::Result<PathBuf> {
-    let dir = match &args.bin_dir {
-        Some(d) => d.clone(),
-        None => {
-            let exe = std::env::current_exe().context("cannot find this program's path")?;
-            let here = exe.parent().context("this program has no directory")?;
-            let dir = if here.file_name().is_some_and(|n| n == "debug") {
-                here.with_file_name("release")
-            } else {
-                here.to_path_buf()
-            };
-            if let Some(cargo) = std::env::var_os("CARGO") {
-                eprintln!("building vmcrypt-migrate (cargo build --release)");
-                let status = Command::new(cargo)
-                    .args(["build", "--release", "--quiet", "-p", "vmcrypt-migrate"])
-                    .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                    .stdout(std::process::Stdio::null())
-                    .status()
-                    .context("cannot run cargo")?;
-                if !status.success() {
-                    bail!("cargo build --release -p vmcrypt-migrate failed ({status})");
-                }
-            }
-            dir
-        }
-    };
-    let bin = dir.join("vmcrypt-migrate");
-    if !bin.is_file() {
-        bail!(
-            "{} not found; build it with cargo build --release -p vmcrypt-migrate or pass --bin-dir",
-            bin.display()
-        );
-    }
-    Ok(bin)
+    let mut v = proc::release_binaries(
+        args.bin_dir.as_deref(),
+        &[("vmcrypt-migrate", "vmcrypt-migrate")],
+    )?;
+    v.pop().context("no binary")
 }
