@@ -64,6 +64,18 @@ apt-get remove -y -q vmcrypt >/tmp/vmcrypt-package-check.log 2>&1 || fail "apt-g
 [ "$(sha256sum /var/lib/vmcrypt/keystore.json | cut -d' ' -f1)" = "$before" ] || fail "apt-get remove changed the keystore"
 [ ! -e /usr/bin/vmcrypt ] || fail "apt-get remove left /usr/bin/vmcrypt"
 ok "apt-get remove kept the keystore"
+# remove keeps the hook (a conffile) but not vmcrypt-hook: plain VMs must
+# still start, vmcrypt's must be refused with a reason.
+hook=/etc/libvirt/hooks/qemu.d/vmcrypt
+[ -x "$hook" ] || fail "remove took the hook conffile away (purge does that)"
+echo "<domain><name>plain</name></domain>" | "$hook" plain prepare begin - ||
+    fail "the leftover hook refuses a plain VM"
+if err=$(echo '<domain><name>enc</name><metadata><vmcrypt:vm xmlns:vmcrypt="urn:vmcrypt:domain:1"/></metadata></domain>' |
+    "$hook" enc prepare begin - 2>&1); then
+    fail "the leftover hook lets a vmcrypt VM start without vmcrypt"
+fi
+case "$err" in *reinstall*) ;; *) fail "the leftover hook's refusal says: $err" ;; esac
+ok "after remove, the leftover hook passes plain VMs and refuses vmcrypt ones"
 
 apt-get install -y -q "$deb" >/tmp/vmcrypt-package-check.log 2>&1 || fail "reinstall"
 apt-get purge -y -q vmcrypt >/tmp/vmcrypt-package-check.log 2>&1 || fail "apt-get purge"

@@ -283,30 +283,37 @@ fn encrypt_into_checked(
     let master = crate::xts::random_key().map_err(LuksError::from)?;
     let header = luks::create_with_key(&dst, len, pass, &CreateOptions::default(), &master)?;
     let base = header.payload_bytes();
-    let mut cipher = SectorCipher::new(&master).map_err(LuksError::from)?;
     let total = len.saturating_mul(2);
-    // Pass 1: one thread reads the source (and hashes each chunk's first
-    // sector of plaintext), this one encrypts, writes, and hashes the
-    // ciphertext it wrote.
+    // Pass 1: one thread reads the source, hashes each chunk's first
+    // sector of plaintext, encrypts the chunk and hashes the ciphertext;
+    // this one writes it. (Splitting the work this way keeps both of a
+    // small host's cores busy.)
     let chunks = len.div_ceil(PIPE_CHUNK as u64) as usize;
     let mut sums = Vec::with_capacity(chunks);
     let t0 = std::time::Instant::now();
+    let reader_cipher = std::sync::Mutex::new(SectorCipher::new(&master).map_err(LuksError::from)?);
     pipeline(
         len,
         |buf, at| {
             src.read_at(buf, at)
                 .map_err(io("cannot read the disk behind", dest))?;
-            Ok(xxh3_64(&buf[..buf.len().min(SECTOR as usize)]))
+            let head = xxh3_64(&buf[..buf.len().min(SECTOR as usize)]);
+            reader_cipher
+                .lock()
+                .map_err(|_| io("cannot encrypt", dest)(std::io::Error::other("cipher poisoned")))?
+                .encrypt(at / SECTOR, buf)
+                .map_err(LuksError::from)?;
+            Ok((xxh3_64(buf), head))
         },
-        |at, buf, head| {
-            cipher.encrypt(at / SECTOR, buf).map_err(LuksError::from)?;
+        |at, buf, sum| {
             dst.write_all_at(buf, base + at)
                 .map_err(io("cannot write", &scratch))?;
-            sums.push((xxh3_64(buf), head));
+            sums.push(sum);
             progress(at + buf.len() as u64, total);
             Ok(())
         },
     )?;
+    drop(reader_cipher);
     if let Some(r) = key_ref {
         keyref::write(dest, &dst, &header, r)?;
     }
@@ -422,19 +429,20 @@ impl Drop for ReadMap {
     }
 }
 
-type Chunk = (u64, Zeroizing<Vec<u8>>, u64);
+type Chunk<T> = (u64, Zeroizing<Vec<u8>>, T);
 
 /// Runs `read` (on a thread of its own) and `consume` (on this one) over
 /// `len` bytes in [`PIPE_CHUNK`] steps, so that reading overlaps the
 /// work. `read` fills a buffer at an offset and returns a value passed on
 /// with it. Buffers are zeroized when dropped.
-fn pipeline<R, C>(len: u64, read: R, mut consume: C) -> Result<(), ConvertError>
+fn pipeline<T, R, C>(len: u64, read: R, mut consume: C) -> Result<(), ConvertError>
 where
-    R: Fn(&mut [u8], u64) -> Result<u64, ConvertError> + Sync,
-    C: FnMut(u64, &mut [u8], u64) -> Result<(), ConvertError>,
+    T: Send,
+    R: Fn(&mut [u8], u64) -> Result<T, ConvertError> + Sync,
+    C: FnMut(u64, &mut [u8], T) -> Result<(), ConvertError>,
 {
     use std::sync::mpsc::sync_channel;
-    let (full_tx, full_rx) = sync_channel::<Result<Chunk, ConvertError>>(2);
+    let (full_tx, full_rx) = sync_channel::<Result<Chunk<T>, ConvertError>>(2);
     let (empty_tx, empty_rx) = sync_channel::<Zeroizing<Vec<u8>>>(3);
     for _ in 0..3 {
         let _ = empty_tx.send(Zeroizing::new(vec![0u8; PIPE_CHUNK]));
