@@ -241,8 +241,9 @@ pub fn encrypted_size(len: u64) -> u64 {
 
 /// Writes the contents of `src` into a new LUKS image at `dest` (through
 /// `dest.vmcrypt-new`), opened by `pass` and recording `key_ref` (if
-/// any); reads it
-/// back, decrypted, against `src`; only then renames it to `dest`. A crash
+/// any); checks that the file holds what was written (an xxh3 of each
+/// chunk's ciphertext, and its first sector decrypted against the
+/// plaintext's first sector); only then renames it to `dest`. A crash
 /// leaves no `dest` (and a scratch file the next run replaces). `dest` must
 /// not exist yet. Progress counts the write and the check.
 pub fn encrypt_into(
