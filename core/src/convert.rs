@@ -323,18 +323,29 @@ fn encrypt_into_checked(
     let t_sync = t0.elapsed();
     between(&dst, base);
     // Pass 2: what the file holds must hash as what was written, and each
-    // chunk's first sector must decrypt to the plaintext read. Read through
-    // a mapping of the file: no second copy of the whole disk.
-    let map = ReadMap::new(&dst, base, len).map_err(io("cannot map", &scratch))?;
-    let stored = map.bytes();
-    // Two threads, each checking every other chunk.
+    // chunk's first sector must decrypt to the plaintext read; two threads,
+    // each checking every other chunk. Read through a mapping where the
+    // kernel allows (no second copy of the disk; storage errors come back
+    // as errors, not SIGBUS), else into a buffer.
+    let map = crate::mapping::Mapping::new(&dst, base + len);
     let check = |parity: usize| -> Result<Option<u64>, ConvertError> {
         let mut c = SectorCipher::new(&master).map_err(LuksError::from)?;
         let mut first = [0u8; SECTOR as usize];
+        let mut buf = Vec::new();
         for (i, (sum, head)) in sums.iter().enumerate().skip(parity).step_by(2) {
             let at = i as u64 * PIPE_CHUNK as u64;
             let n = (len - at).min(PIPE_CHUNK as u64) as usize;
-            let chunk = &stored[at as usize..at as usize + n];
+            let chunk = match &map {
+                Some(m) => m
+                    .bytes((base + at) as usize, n)
+                    .map_err(io("cannot read back", &scratch))?,
+                None => {
+                    buf.resize(n, 0);
+                    dst.read_exact_at(&mut buf, base + at)
+                        .map_err(io("cannot read back", &scratch))?;
+                    &buf[..]
+                }
+            };
             let h = first.len().min(n);
             first[..h].copy_from_slice(&chunk[..h]);
             c.decrypt(at / SECTOR, &mut first[..h])
@@ -373,61 +384,6 @@ fn encrypt_into_checked(
         bytes = len, "converted"
     );
     commit(&scratch, &dst, dest)
-}
-
-/// A read-only mapping of `len` bytes of a file from `offset` (page
-/// aligned), unmapped on drop.
-struct ReadMap {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl ReadMap {
-    fn new(file: &File, offset: u64, len: u64) -> std::io::Result<ReadMap> {
-        use std::os::fd::AsRawFd;
-        let len = usize::try_from(len).map_err(std::io::Error::other)?;
-        if len == 0 {
-            return Ok(ReadMap {
-                ptr: std::ptr::null_mut(),
-                len,
-            });
-        }
-        let off = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
-        // SAFETY: a fresh read-only shared mapping of a file we hold open;
-        // the kernel checks fd, offset alignment and length.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(ReadMap { ptr, len })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        if self.len == 0 {
-            return &[];
-        }
-        // SAFETY: ptr maps len readable bytes for as long as self lives;
-        // only this process writes the file, and not while mapped.
-        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
-    }
-}
-
-impl Drop for ReadMap {
-    fn drop(&mut self) {
-        if self.len != 0 {
-            // SAFETY: unmapping exactly what new() mapped.
-            unsafe { libc::munmap(self.ptr, self.len) };
-        }
-    }
 }
 
 type Chunk<T> = (u64, Zeroizing<Vec<u8>>, T);

@@ -9,6 +9,7 @@ pub mod key;
 pub mod kms;
 pub mod logging;
 pub mod luks;
+pub mod mapping;
 pub mod policy;
 pub mod size;
 pub mod unixsock;

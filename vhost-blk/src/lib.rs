@@ -11,7 +11,8 @@
 pub mod backend;
 pub mod disk;
 pub mod io;
-pub mod mapping;
+/// The image mapping (shared with conversions in `vmcrypt_core`).
+pub use vmcrypt_core::mapping;
 pub mod request;
 pub mod server;
 pub mod socket;

@@ -1,4 +1,6 @@
-//! A read-only shared mapping of the image, for reads without a copy.
+//! A read-only shared mapping of an image, for reads without a copy:
+//! vmcrypt-blk serves guest reads through it, and conversions check what
+//! they wrote through it.
 //!
 //! Reading through `preadv` copies every byte from the page cache into the
 //! guest, and decryption then passes over it again; through a mapping, the
@@ -94,6 +96,15 @@ impl Mapping {
                 return Err(e);
             }
         }
+    }
+
+    /// The bytes `[off, off+len)`, faulted in first (storage errors come
+    /// back as errors, not SIGBUS).
+    pub fn bytes(&self, off: usize, len: usize) -> io::Result<&[u8]> {
+        self.populate(off, len)?;
+        // SAFETY: populate checked that the range lies inside the mapping,
+        // which lives (read-only, never remapped) as long as `self`.
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) })
     }
 
     /// Pointer to byte `off`; the caller keeps `off + len` within the map.
