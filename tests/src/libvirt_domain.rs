@@ -57,7 +57,10 @@ impl TestDomain {
     /// A 256 MiB, 1 vCPU guest booting the guest artifacts (built if
     /// needed), console at `/run/vmcrypt-test/NAME.console`, no disks.
     pub fn new(name: &str) -> Result<TestDomain> {
-        Ok(TestDomain::with_artifacts(name, &guest_artifacts()?))
+        Ok(TestDomain::with_artifacts(
+            name,
+            &qemu_readable_artifacts()?,
+        ))
     }
 
     pub fn with_artifacts(name: &str, a: &GuestArtifacts) -> TestDomain {
@@ -311,6 +314,49 @@ pub fn wait_shell(console: &mut Console, timeout: Duration) -> Result<()> {
     }
 }
 
+/// Where the guest kernel and initramfs go for libvirt domains.
+const READABLE_GUEST_DIR: &str = "/var/lib/vmcrypt-tests/guest";
+
+/// The guest artifacts copied where QEMU's unprivileged user can read them:
+/// libvirt's QEMU runs as libvirt-qemu, and the repository (with
+/// `target/guest`) may sit below a folder only root can enter (a clone in
+/// a `mktemp -d` folder is 0700). Copied again when they changed.
+pub fn qemu_readable_artifacts() -> Result<GuestArtifacts> {
+    use std::os::unix::fs::PermissionsExt;
+    let a = guest_artifacts()?;
+    let dir = Path::new(READABLE_GUEST_DIR);
+    std::fs::create_dir_all(dir)?;
+    for d in [dir, dir.parent().unwrap_or(dir)] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let mut out = Vec::new();
+    for src in [&a.kernel, &a.initramfs] {
+        let name = src.file_name().context("artifact without a file name")?;
+        let dst = dir.join(name);
+        let same = match (std::fs::metadata(src), std::fs::metadata(&dst)) {
+            (Ok(s), Ok(d)) => s.len() == d.len() && s.modified()? <= d.modified()?,
+            _ => false,
+        };
+        if !same {
+            // Written beside, then renamed: a concurrent reader sees the
+            // old file or the new one.
+            let tmp = dir.join(format!(
+                ".{}.{}",
+                name.to_string_lossy(),
+                std::process::id()
+            ));
+            std::fs::copy(src, &tmp)?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+            std::fs::rename(&tmp, &dst)?;
+        }
+        out.push(dst);
+    }
+    Ok(GuestArtifacts {
+        kernel: out[0].clone(),
+        initramfs: out[1].clone(),
+    })
+}
+
 /// Escapes text for XML content and attributes.
 pub fn esc(s: &str) -> String {
     vmcrypt_core::domain::escape(s)
@@ -322,7 +368,7 @@ pub fn esc(s: &str) -> String {
 /// [`SOCKET_DIR`]`/NAME.console`, no network, no graphics. virt-install
 /// starts it; returns the console socket's path in the host.
 pub fn virt_install(host: &Host, name: &str, disk: &Path, format: &str) -> Result<PathBuf> {
-    let a = guest_artifacts()?;
+    let a = qemu_readable_artifacts()?;
     let console = Path::new(SOCKET_DIR).join(format!("{name}.console"));
     host.run_ok(
         host.command("virt-install")
