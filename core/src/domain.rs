@@ -1,6 +1,5 @@
 //! vmcrypt's part of a libvirt domain's `<metadata>`: the VM's migration
-//! policy, the disks vmcrypt serves and which key opens each encrypted one,
-//! and (only while a migration is being prepared) the migration's ticket.
+//! policy, the disks vmcrypt serves and which key opens each encrypted one.
 //!
 //! ```xml
 //! <metadata>
@@ -18,17 +17,15 @@
 //!   device and the image; an encrypted disk also names its key (provider
 //!   name, key id). Key *material* never appears here; a key reference is
 //!   not secret.
-//! - `migration` (see [`MigrationTicket`]) exists only in the destination
-//!   XML that `vmcrypt migrate` hands to libvirt. It carries the one-time
-//!   migration key; the destination hook removes it before libvirt keeps the
-//!   XML anywhere.
+//! - No migration key is ever written here (the first version carried one
+//!   in a `<migration>` element of the destination XML, which libvirt logs
+//!   at debug level; the migration proxies now agree on keys themselves).
+//!   Such an element from an older vmcrypt is ignored and dropped.
 //!
 //! The element lives in its own namespace, so libvirt keeps it verbatim,
 //! carries it along with migrations, and hands it to hooks.
 
-use std::fmt;
 
-use zeroize::Zeroizing;
 
 use crate::kms::KeyRef;
 use crate::policy::Policy;
@@ -52,36 +49,6 @@ pub struct Disk {
     pub serial: Option<String>,
 }
 
-/// How a migration prepared by `vmcrypt migrate` travels.
-#[derive(Clone, PartialEq, Eq)]
-pub struct MigrationTicket {
-    /// Migration id, 32 hex characters.
-    pub id: String,
-    /// Where the destination proxy delivers the stream (the destination
-    /// QEMU's loopback listener, `127.0.0.1:PORT`); `None` for a plain
-    /// migration that bypasses the proxies.
-    pub forward: Option<String>,
-    /// Key (64 hex) and nonce (16 hex) of an encrypted migration.
-    pub crypto: Option<(Zeroizing<String>, String)>,
-}
-
-impl MigrationTicket {
-    /// Whether the stream is encrypted.
-    pub fn encrypted(&self) -> bool {
-        self.crypto.is_some()
-    }
-}
-
-impl fmt::Debug for MigrationTicket {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MigrationTicket")
-            .field("id", &self.id)
-            .field("forward", &self.forward)
-            .field("encrypted", &self.encrypted())
-            .finish()
-    }
-}
-
 /// vmcrypt's metadata for one domain.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VmMetadata {
@@ -89,8 +56,6 @@ pub struct VmMetadata {
     pub policy: Policy,
     /// Disks vmcrypt serves.
     pub disks: Vec<Disk>,
-    /// The migration being prepared (destination XML only).
-    pub migration: Option<MigrationTicket>,
 }
 
 /// Why metadata could not be read.
@@ -109,22 +74,6 @@ pub enum MetadataError {
 
 fn is_ours(n: &roxmltree::Node<'_, '_>, name: &str) -> bool {
     n.is_element() && n.tag_name().name() == name && n.tag_name().namespace() == Some(NAMESPACE)
-}
-
-fn hex_attr(
-    n: &roxmltree::Node<'_, '_>,
-    name: &str,
-    len: usize,
-) -> Result<Option<String>, MetadataError> {
-    match n.attribute(name) {
-        None => Ok(None),
-        Some(v) if v.len() == len && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            Ok(Some(v.to_ascii_lowercase()))
-        }
-        Some(_) => Err(MetadataError::Invalid(format!(
-            "<migration> {name:?} must be {len} hex characters"
-        ))),
-    }
 }
 
 impl VmMetadata {
@@ -199,24 +148,6 @@ impl VmMetadata {
             }
             meta.disks.push(disk);
         }
-        if let Some(m) = vm.children().find(|n| is_ours(n, "migration")) {
-            let id = hex_attr(&m, "id", 32)?
-                .ok_or_else(|| MetadataError::Invalid("<migration> lacks \"id\"".into()))?;
-            let crypto = match (hex_attr(&m, "key", 64)?, hex_attr(&m, "nonce", 16)?) {
-                (Some(k), Some(n)) => Some((Zeroizing::new(k), n)),
-                (None, None) => None,
-                _ => {
-                    return Err(MetadataError::Invalid(
-                        "<migration> needs both \"key\" and \"nonce\" or neither".into(),
-                    ))
-                }
-            };
-            meta.migration = Some(MigrationTicket {
-                id,
-                forward: m.attribute("forward").map(str::to_string),
-                crypto,
-            });
-        }
         Ok(meta)
     }
 
@@ -251,20 +182,6 @@ impl VmMetadata {
             }
             if let Some(serial) = &d.serial {
                 out.push_str(&format!(" serial=\"{}\"", escape(serial)));
-            }
-            out.push_str("/>");
-        }
-        if let Some(m) = &self.migration {
-            out.push_str(&format!("<{p}migration id=\"{}\"", escape(&m.id)));
-            if let Some(f) = &m.forward {
-                out.push_str(&format!(" forward=\"{}\"", escape(f)));
-            }
-            if let Some((k, n)) = &m.crypto {
-                // Hex only (checked on parse and by the coordinator): no
-                // escaping, and no copy of the key outside `out`.
-                out.push_str(" key=\"");
-                out.push_str(k);
-                out.push_str(&format!("\" nonce=\"{n}\""));
             }
             out.push_str("/>");
         }
@@ -363,7 +280,6 @@ mod tests {
                     serial: None,
                 },
             ],
-            migration: None,
         }
     }
 
@@ -416,12 +332,6 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("two"));
-        let short_key = format!(
-            "<v:vm xmlns:v='{NAMESPACE}'><v:migration id='{}' key='ab' nonce='{}'/></v:vm>",
-            "0".repeat(32),
-            "1".repeat(16)
-        );
-        assert!(VmMetadata::parse(&short_key).is_err());
     }
 
     #[test]
@@ -431,35 +341,14 @@ mod tests {
         assert!(!m.encrypted());
     }
 
-    fn ticket() -> MigrationTicket {
-        MigrationTicket {
-            id: "0123456789abcdef0123456789abcdef".into(),
-            forward: Some("127.0.0.1:4711".into()),
-            crypto: Some((Zeroizing::new("ab".repeat(32)), "cd".repeat(8))),
-        }
-    }
-
-    #[test]
-    fn ticket_round_trips_and_debug_hides_the_key() {
-        let mut m = sample();
-        m.migration = Some(ticket());
-        let back = VmMetadata::parse(&m.to_xml()).unwrap();
-        assert_eq!(back, m);
-        assert!(back.migration.as_ref().unwrap().encrypted());
-        assert!(!format!("{back:?}").contains("abab"));
-    }
-
     #[test]
     fn replace_in_keeps_the_rest_of_the_domain() {
-        let mut m = sample();
-        m.migration = Some(ticket());
+        let m = sample();
         let with_ours = format!(
             "<domain type='qemu'>\n  <name>t</name>\n  <metadata>\n    <other:x xmlns:other='urn:o'/>\n    {}\n  </metadata>\n  <devices/>\n</domain>",
             m.to_xml()
         );
-        m.migration = None;
         let stripped = m.replace_in(&with_ours).unwrap();
-        assert!(!stripped.contains("abab"), "{stripped}");
         assert!(stripped.contains("<other:x xmlns:other='urn:o'/>"));
         assert!(stripped.contains("<devices/>"));
         assert_eq!(VmMetadata::parse(&stripped).unwrap(), m);

@@ -11,6 +11,7 @@ pub mod logging;
 pub mod luks;
 pub mod mapping;
 pub mod policy;
+pub mod qemu_conf;
 pub mod size;
 pub mod unixsock;
 pub mod xts;

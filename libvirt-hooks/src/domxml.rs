@@ -18,6 +18,8 @@ pub struct VhostUserDisk {
 pub struct DomainDef {
     /// Domain name.
     pub name: String,
+    /// Domain UUID, as written in `<uuid>` (libvirt always writes one).
+    pub uuid: Option<String>,
     /// Number of vCPUs (QEMU's default vhost-user-blk queue count).
     pub vcpus: u16,
     /// Its vhost-user disks.
@@ -55,6 +57,10 @@ impl DomainDef {
             .filter(|n| !n.is_empty())
             .ok_or_else(|| DomainXmlError::Invalid("no <name>".into()))?
             .to_string();
+        let uuid = child(root, "uuid")
+            .and_then(|n| n.text())
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
         let vcpus = child(root, "vcpu")
             .and_then(|n| n.text())
             .and_then(|t| t.trim().parse().ok())
@@ -85,6 +91,7 @@ impl DomainDef {
         }
         Ok(DomainDef {
             name,
+            uuid,
             vcpus,
             vhost_user_disks,
         })

@@ -4,8 +4,8 @@
 //! | event | what the hook does |
 //! |---|---|
 //! | `prepare begin` | fetch each encrypted disk's KEK, start a vmcrypt-blk per vmcrypt disk, wait until each listens; any failure fails the start |
-//! | `migrate begin` (destination) | enforce the policy; for a ticket from `vmcrypt migrate`: check the key providers, arm the local proxy, print the XML without the ticket |
-//! | `stopped end`, `release end` | stop the domain's backends, disarm an incoming migration that never completed |
+//! | `migrate begin` (destination) | enforce the policy (this host can open the disks, its vmcrypt-migrate intercepts, the key provider has a cluster secret, libvirt accepts no unencrypted TCP), announce the VM to the local vmcrypt-migrate |
+//! | `stopped end`, `release end` | stop the domain's backends, forget an announced migration that never came |
 //!
 //! libvirt puts a failing hook's stderr into the error `virsh` prints, so a
 //! refusal is exactly one line there; everything else goes to the hook log.
@@ -119,111 +119,106 @@ fn prepare(xml: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Destination, before any memory arrives: decide whether this host may
+/// receive the VM and announce it to the local vmcrypt-migrate, which then
+/// accepts its migration connections: encrypted ones from the source's
+/// daemon, plain ones only if the policy allows (DESIGN.md "Control
+/// plane"). Nothing here rewrites the XML: no key travels in it.
 fn migrate_begin(xml: &str) -> Result<Option<String>, Refusal> {
     let (def, meta) = parse(xml)?;
     let name = &def.name;
-    let Some(ticket) = &meta.migration else {
-        // Plain `virsh migrate`: the stream went (or goes) straight from QEMU
-        // to QEMU, unencrypted.
-        if meta.encrypted() {
-            return Err(refuse(format!(
-                "{name} is encrypted and must migrate encrypted: use `vmcrypt migrate {name} DEST_URI` instead of `virsh migrate`"
-            )));
-        }
-        if meta.policy == Policy::Required {
-            return Err(refuse(format!(
-                "{name} has migration policy required: use `vmcrypt migrate {name} DEST_URI` instead of `virsh migrate`"
-            )));
-        }
-        tracing::warn!(
-            domain = %name, policy = %meta.policy,
-            "plain migration without vmcrypt migrate: the VM's memory crossed the network unencrypted"
-        );
-        return Ok(None);
-    };
     let why = format!("cannot migrate {name} to this host");
-    if ticket.encrypted() {
+    let must = meta.encrypted() || meta.policy == Policy::Required;
+    let must_why = if meta.encrypted() {
+        "it is encrypted"
+    } else {
+        "its migration policy is required"
+    };
+    let uuid = def
+        .uuid
+        .clone()
+        .ok_or_else(|| refuse(format!("{why}: its XML has no <uuid>")))?;
+    if must {
+        if let Some(listener) = crate::libvirt_conf::unencrypted_tcp_listener() {
+            return Err(refuse(format!(
+                "{why}: {must_why}, and this host's libvirtd accepts unencrypted, unauthenticated TCP connections ({listener}), over which a tunnelled migration would carry its memory in plaintext; set auth_tcp = \"sasl\" or use TLS (listen_tls)"
+            )));
+        }
         // The destination must be able to open the disks after the switch.
         drop(fetch_keys(&meta, &why)?);
-        let (key, nonce) = ticket
-            .crypto
-            .as_ref()
-            .ok_or_else(|| refuse("internal: encrypted ticket without key"))?;
-        let forward = ticket.forward.clone().ok_or_else(|| {
-            refuse(format!(
-                "{why}: the migration ticket has no forward address"
-            ))
-        })?;
-        if let Some(path) = forward.strip_prefix("unix:") {
-            // QEMU will listen there; only our own directory is acceptable.
-            if paths::migrate_socket(&ticket.id).as_deref() != Some(std::path::Path::new(path)) {
-                return Err(refuse(format!(
-                    "{why}: the migration ticket names an unexpected socket {path}"
-                )));
-            }
-            paths::ensure_migrate_socket_dir().map_err(|e| {
-                refuse(format!(
-                    "{why}: cannot create {}: {e}",
-                    paths::MIGRATE_SOCKET_DIR
-                ))
-            })?;
+    }
+    let ctl = paths::migrate_control();
+    let daemon = control::call(&ctl, &Request::new("ping"));
+    let problem = match &daemon {
+        Ok(r) if r.intercept == Some(true) => None,
+        Ok(_) => Some(
+            "its vmcrypt-migrate does not intercept migrations (its netfilter rules are missing; restart vmcrypt-migrate)"
+                .to_string(),
+        ),
+        Err(e) => Some(format!("its vmcrypt-migrate daemon is not running ({e})")),
+    };
+    if let Some(p) = problem {
+        if must {
+            return Err(refuse(format!("{why}: {must_why} and {p}")));
         }
-        let mut req = Request::new("arm-dest");
-        req.id = Some(ticket.id.clone());
-        req.forward = Some(forward);
-        req.policy = Some(meta.policy.to_string());
-        req.key = Some(key.to_string());
-        req.nonce = Some(nonce.clone());
-        control::call(&paths::migrate_control(), &req).map_err(|e| {
-            refuse(format!(
-                "{why}: its vmcrypt-migrate daemon cannot take an encrypted migration: {e}"
-            ))
-        })?;
-        let dir = paths::domain_dir(name);
-        let _ = fs::create_dir_all(&dir);
-        let _ = fs::write(dir.join("migration"), &ticket.id);
-        tracing::info!(domain = %name, id = %ticket.id, "armed the proxy for an encrypted incoming migration");
-    } else {
-        if meta.encrypted() || meta.policy == Policy::Required {
+        tracing::warn!(domain = %name, policy = %meta.policy, "{p}: the migration is not protected by vmcrypt");
+        return Ok(None);
+    }
+    if must || meta.policy == Policy::Opportunistic {
+        if let Err(e) = ensure_cluster_secret(&meta) {
+            if must {
+                return Err(refuse(format!("{why}: {must_why}, and {e}")));
+            }
+            tracing::warn!(domain = %name, "{e}: the migration can only go plain");
+        }
+    }
+    let mut req = Request::new("expect");
+    req.vm = Some(uuid.clone());
+    req.name = Some(name.clone());
+    req.policy = Some(meta.policy.to_string());
+    req.encrypted = Some(meta.encrypted());
+    if let Err(e) = control::call(&ctl, &req) {
+        if must {
             return Err(refuse(format!(
-                "{name} is {} and cannot migrate plain",
-                if meta.encrypted() {
-                    "encrypted"
-                } else {
-                    "required to migrate encrypted"
-                }
+                "{why}: {must_why} and its vmcrypt-migrate refused it: {e}"
             )));
         }
-        tracing::warn!(
-            domain = %name, id = %ticket.id, policy = %meta.policy,
-            "plain migration through vmcrypt migrate: the VM's memory crosses the network unencrypted"
-        );
+        tracing::warn!(domain = %name, "vmcrypt-migrate refused the announcement: {e}");
+        return Ok(None);
     }
-    // The ticket (and its key) must not be kept by libvirt: hand it the XML
-    // without it.
-    let stripped = VmMetadata {
-        migration: None,
-        ..meta.clone()
-    };
-    stripped
-        .replace_in(xml)
-        .map(Some)
-        .map_err(|e| refuse(format!("{why}: {e}")))
+    let dir = paths::domain_dir(name);
+    let _ = fs::create_dir_all(&dir);
+    let _ = fs::write(dir.join("incoming"), &uuid);
+    tracing::info!(domain = %name, %uuid, policy = %meta.policy, encrypted = meta.encrypted(), "announced an incoming migration to vmcrypt-migrate");
+    Ok(None)
+}
+
+/// The VM's key provider (that of its encrypted disks, else this host's
+/// default) has a cluster secret: made now if it has none, so that the
+/// source's daemon finds it.
+fn ensure_cluster_secret(meta: &VmMetadata) -> Result<(), String> {
+    let providers = Providers::load().map_err(|e| e.to_string())?;
+    let name = meta
+        .disks
+        .iter()
+        .find_map(|d| d.key.as_ref().map(|k| k.provider.clone()))
+        .unwrap_or_else(|| providers.default_name().to_string());
+    let p = providers.open(&name).map_err(|e| e.to_string())?;
+    vmcrypt_core::kms::cluster_secret(p.as_ref(), true)
+        .map_err(|e| format!("key provider {name} has no cluster secret for migrations: {e}"))?
+        .map(drop)
+        .ok_or_else(|| format!("key provider {name} has no cluster secret for migrations"))
 }
 
 fn cleanup(guest: &str) {
     let n = backends::stop_all(guest);
     let dir = paths::domain_dir(guest);
-    if let Ok(id) = fs::read_to_string(dir.join("migration")) {
-        let mut req = Request::new("disarm");
-        req.id = Some(id.trim().to_string());
-        // Completed migrations are already forgotten by the daemon; this only
-        // drops a key armed for one that never came.
+    if let Ok(uuid) = fs::read_to_string(dir.join("incoming")) {
+        // A migration announced but never completed (the daemon forgets
+        // completed ones itself).
+        let mut req = Request::new("forget");
+        req.vm = Some(uuid.trim().to_string());
         let _ = control::call(&paths::migrate_control(), &req);
-        // QEMU's listening socket of an incoming migration (unix transport).
-        if let Some(socket) = paths::migrate_socket(id.trim()) {
-            let _ = fs::remove_file(socket);
-        }
     }
     let _ = fs::remove_dir_all(&dir);
     if n > 0 {

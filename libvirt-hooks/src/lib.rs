@@ -6,6 +6,7 @@ pub mod backends;
 pub mod convert_xml;
 pub mod domxml;
 pub mod hook;
+pub mod libvirt_conf;
 pub mod paths;
 pub mod qemu_user;
 pub mod source;

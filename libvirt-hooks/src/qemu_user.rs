@@ -7,11 +7,8 @@
 //! in `/etc/libvirt/qemu.conf`; otherwise the distribution's built-in
 //! default (`libvirt-qemu` on Debian and Ubuntu).
 
-use std::ffi::CString;
-
 /// The built-in default of Debian's libvirt (`--with-qemu-user`).
-const DEFAULT_USER: &str = "libvirt-qemu";
-const DEFAULT_GROUP: &str = "libvirt-qemu";
+use vmcrypt_core::qemu_conf::{DEFAULT_GROUP, DEFAULT_USER};
 
 /// A uid and gid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,13 +39,7 @@ pub enum QemuUserError {
     BadLabel(String),
 }
 
-/// The path of qemu.conf (`VMCRYPT_QEMU_CONF` for tests and other layouts).
-pub fn qemu_conf_path() -> std::path::PathBuf {
-    std::env::var_os("VMCRYPT_QEMU_CONF")
-        .filter(|v| !v.is_empty())
-        .map(Into::into)
-        .unwrap_or_else(|| "/etc/libvirt/qemu.conf".into())
-}
+pub use vmcrypt_core::qemu_conf::path as qemu_conf_path;
 
 /// The user QEMU runs as for the domain `xml`, on this host.
 pub fn for_domain(xml: &str) -> Result<QemuUser, QemuUserError> {
@@ -94,49 +85,15 @@ fn dac_label(xml: &str) -> Option<String> {
         })
 }
 
-/// The value of `key = "value"` in a libvirt config file (last one wins,
-/// comments ignored).
-fn conf_value(conf: &str, key: &str) -> Option<String> {
-    conf.lines()
-        .filter_map(|l| {
-            let l = l.split('#').next()?.trim();
-            let (k, v) = l.split_once('=')?;
-            (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
-        })
-        .next_back()
-}
+use vmcrypt_core::qemu_conf::value as conf_value;
 
-/// libvirt's notation: `+N` is a number, else a name, else a number.
 fn resolve_user(s: &str, from: &'static str) -> Result<u32, QemuUserError> {
-    resolve(s, |name| {
-        let c = CString::new(name).ok()?;
-        // SAFETY: getpwnam returns NULL or a pointer to static storage valid
-        // until the next call; we read one field right away. Hooks are
-        // single-threaded.
-        let p = unsafe { libc::getpwnam(c.as_ptr()) };
-        // SAFETY: p was checked for NULL.
-        (!p.is_null()).then(|| unsafe { (*p).pw_uid })
-    })
-    .ok_or_else(|| QemuUserError::NoUser(s.to_string(), from))
+    vmcrypt_core::qemu_conf::resolve_user(s).ok_or_else(|| QemuUserError::NoUser(s.to_string(), from))
 }
 
 fn resolve_group(s: &str, from: &'static str) -> Result<u32, QemuUserError> {
-    resolve(s, |name| {
-        let c = CString::new(name).ok()?;
-        // SAFETY: as in resolve_user, for getgrnam.
-        let p = unsafe { libc::getgrnam(c.as_ptr()) };
-        // SAFETY: p was checked for NULL.
-        (!p.is_null()).then(|| unsafe { (*p).gr_gid })
-    })
-    .ok_or_else(|| QemuUserError::NoGroup(s.to_string(), from))
-}
-
-fn resolve(s: &str, by_name: impl Fn(&str) -> Option<u32>) -> Option<u32> {
-    let s = s.trim();
-    if let Some(n) = s.strip_prefix('+') {
-        return n.parse().ok();
-    }
-    by_name(s).or_else(|| s.parse().ok())
+    vmcrypt_core::qemu_conf::resolve_group(s)
+        .ok_or_else(|| QemuUserError::NoGroup(s.to_string(), from))
 }
 
 #[cfg(test)]
@@ -160,19 +117,5 @@ mod tests {
         assert!(matches!(for_domain(bad), Err(QemuUserError::BadLabel(_))));
     }
 
-    #[test]
-    fn qemu_conf_values() {
-        let conf = "#user = \"libvirt-qemu\"\nuser = \"+0\" # root\n group=\"kvm\"\n";
-        assert_eq!(conf_value(conf, "user").as_deref(), Some("+0"));
-        assert_eq!(conf_value(conf, "group").as_deref(), Some("kvm"));
-        assert_eq!(conf_value(conf, "dynamic_ownership"), None);
-    }
 
-    #[test]
-    fn names_and_numbers() {
-        assert_eq!(resolve("+12", |_| None), Some(12));
-        assert_eq!(resolve("root", |_| Some(0)), Some(0));
-        assert_eq!(resolve("77", |_| None), Some(77));
-        assert_eq!(resolve("nobody-here", |_| None), None);
-    }
 }

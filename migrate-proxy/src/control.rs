@@ -4,15 +4,14 @@
 //!
 //! | request `op` | fields | response |
 //! |---|---|---|
-//! | `ping` | | `{"ok":true,"version":1,"encrypt":true}` |
-//! | `arm-source` | `id`, `listen` (loopback/unix; port 0 picks one), `peer`, `policy`, [`key`, `nonce`] | `{"ok":true,"listen":"127.0.0.1:PORT"}` |
-//! | `arm-dest` | `id`, `forward`, `policy`, [`key`, `nonce`] | `{"ok":true}` |
-//! | `status` | `id` | `{"ok":true,"state":"armed"\|"running"\|"completed"\|"failed","error":…,"bytes":…}` |
-//! | `disarm` | `id` | `{"ok":true}`: forgets it, cutting its connections if any |
+//! | `ping` | | `{"ok":true,"version":2,"encrypt":true,"intercept":true,"intercept6":…}` |
+//! | `expect` | `vm` (UUID), `name`, `policy`, `encrypted` | `{"ok":true}`: the hook announces an incoming VM |
+//! | `forget` | `vm` | `{"ok":true}` |
+//! | `last` | `vm` | `{"ok":true,"direction":"out"\|"in","mode":"encrypted"\|"plain","state":"running"\|"completed"\|"failed","bytes":…,"connections":…,"error":…}` |
 //!
-//! Errors: `{"ok":false,"error":"one line"}`. `id` is 32 hex characters,
-//! `key` 64, `nonce` 16. The key crosses only this socket (mode 0600, so
-//! only root can arm), never a command line or a file.
+//! Errors: `{"ok":false,"error":"one line"}`. No key ever crosses this
+//! socket: the daemons agree on each migration's keys between themselves.
+//! The socket is mode 0600, so only root announces VMs.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -52,6 +51,15 @@ pub struct Request {
     /// gets the socket (mode 0600) and may connect besides root.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// `expect`, `forget`, `last`: the VM's UUID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// `expect`: the domain's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `expect`: whether the VM has encrypted disks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<bool>,
 }
 
 impl Request {
@@ -100,6 +108,21 @@ pub struct Response {
     /// `status`: stream bytes moved.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+    /// `ping`: the IPv4 interception rules are in place.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intercept: Option<bool>,
+    /// `ping`: the IPv6 interception rules are in place.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intercept6: Option<bool>,
+    /// `last`: encrypted or plain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// `last`: out or in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
+    /// `last`: connections of the migration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
 }
 
 impl Response {

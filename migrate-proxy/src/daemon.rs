@@ -1,60 +1,36 @@
-//! One daemon per host: serves many migrations at once, armed over the
-//! control socket (see [`crate::control`]). Destination connections from
-//! source proxies arrive on one network listener and are matched to their
-//! armed migration by the id in the hello.
-//!
-//! A finished migration's key is dropped at once (the armed entry is
-//! removed); only its outcome is kept, for `status`, until `disarm`.
+//! One daemon per host: carries every migration of the host's VMs,
+//! whoever starts it (see [`crate::transparent`]), and answers the libvirt
+//! hook and `vmcrypt` over its root-only control socket
+//! (see [`crate::control`]).
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use vmcrypt_core::policy::Policy;
 
-use crate::addr::{Addr, Listener};
+use crate::addr::Addr;
 use crate::control::{Request, Response};
-use crate::dest::{Armed, Registry};
-use crate::migration::Migration;
-use crate::spec::{parse_nonce, MigrationId, MigrationKey, Spec};
-
-/// After a migration's last connection ends, how long to wait for another
-/// before calling it complete.
-pub const GRACE: Duration = Duration::from_millis(500);
-
-enum Entry {
-    Source {
-        mig: Arc<Migration>,
-        stop: Arc<AtomicBool>,
-    },
-    Dest {
-        mig: Arc<Migration>,
-    },
-    Done(Result<u64, String>),
-}
+use crate::netfilter::{Family, Rules};
+use crate::procnet::parse_uuid;
+use crate::transparent::Transparent;
 
 /// The daemon's state.
 pub struct Daemon {
-    registry: Arc<Registry>,
-    entries: Mutex<HashMap<MigrationId, Entry>>,
+    transparent: Arc<Transparent>,
+    rules: Option<Rules>,
 }
 
 impl Daemon {
-    /// A daemon whose destination side uses `registry`.
-    pub fn new(registry: Arc<Registry>) -> Arc<Daemon> {
-        Arc::new(Daemon {
-            registry,
-            entries: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MigrationId, Entry>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    /// A daemon around `transparent`; `rules` are the netfilter rules it
+    /// installed (None: interception is off).
+    pub fn new(transparent: Arc<Transparent>, rules: Option<Rules>) -> Arc<Daemon> {
+        Arc::new(Daemon { transparent, rules })
     }
 
     /// Handles one request.
@@ -69,172 +45,45 @@ impl Daemon {
         match req.op.as_str() {
             "ping" => Ok(Response {
                 ok: true,
-                version: Some(1),
+                version: Some(2),
                 encrypt: Some(true),
+                intercept: Some(self.rules.is_some_and(|r| r.present(Family::V4))),
+                intercept6: Some(self.rules.is_some_and(|r| r.present(Family::V6))),
                 ..Default::default()
             }),
-            "arm-source" => self.arm_source(req),
-            "arm-dest" => self.arm_dest(req),
-            "status" => Ok(self.status(&id_of(req)?)),
-            "disarm" => {
-                self.disarm(&id_of(req)?);
+            "expect" => {
+                let vm = vm_of(req)?;
+                let policy: Policy = field(req.policy.as_deref(), "policy")?
+                    .parse()
+                    .map_err(|e: vmcrypt_core::policy::UnknownPolicy| e.to_string())?;
+                let name = field(req.name.as_deref(), "name")?.to_string();
+                let encrypted = req.encrypted.unwrap_or(false);
+                tracing::info!(vm = %name, %policy, encrypted, "expecting an incoming migration");
+                self.transparent.expect(vm, name, policy, encrypted);
                 Ok(Response::ok())
+            }
+            "forget" => {
+                self.transparent.forget(&vm_of(req)?);
+                Ok(Response::ok())
+            }
+            "last" => {
+                let vm = vm_of(req)?;
+                match self.transparent.record(&vm) {
+                    None => Err("no migration of this VM went through this daemon".into()),
+                    Some(r) => Ok(Response {
+                        ok: true,
+                        state: Some(r.state.into()),
+                        mode: Some(r.mode.into()),
+                        direction: Some(r.direction.into()),
+                        bytes: Some(r.bytes),
+                        error: r.reason,
+                        connections: Some(r.connections),
+                        ..Default::default()
+                    }),
+                }
             }
             other => Err(format!("unknown operation {other:?}")),
         }
-    }
-
-    fn arm_source(self: &Arc<Self>, req: &Request) -> Result<Response, String> {
-        let spec = spec_of(req)?;
-        let id = spec.id;
-        let listen: Addr = field(req.listen.as_deref(), "listen")?.parse()?;
-        if !listen.is_local() {
-            return Err(format!("listen {listen} must be loopback or unix"));
-        }
-        let peer: Addr = field(req.peer.as_deref(), "peer")?.parse()?;
-        let mut entries = self.lock();
-        if entries.contains_key(&id) {
-            return Err(format!("migration {id} is already armed here"));
-        }
-        let owner = req
-            .owner
-            .as_deref()
-            .map(str::parse::<vmcrypt_core::unixsock::Owner>)
-            .transpose()?;
-        let listener = listen
-            .listen_for(owner)
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        let bound = listener
-            .local_addr()
-            .map_err(|e| format!("cannot read the bound address: {e}"))?;
-        let mig = Arc::new(Migration::new(spec));
-        let stop = Arc::new(AtomicBool::new(false));
-        entries.insert(
-            id,
-            Entry::Source {
-                mig: mig.clone(),
-                stop: stop.clone(),
-            },
-        );
-        drop(entries);
-        let daemon = self.clone();
-        std::thread::Builder::new()
-            .name(format!("source-{id}"))
-            .spawn(move || {
-                let accept = {
-                    let (mig, stop) = (mig.clone(), stop.clone());
-                    std::thread::spawn(move || {
-                        if let Err(e) = crate::source::serve(&listener, &peer, &mig, &stop) {
-                            mig.fail(format!("accepting QEMU's connections: {e}"));
-                        }
-                    })
-                };
-                let outcome = wait_until_done(&mig, &stop);
-                stop.store(true, std::sync::atomic::Ordering::Release);
-                let _ = accept.join();
-                daemon.finish(id, outcome);
-            })
-            .map_err(|e| format!("cannot start a thread: {e}"))?;
-        tracing::info!(%id, listen = %bound, "armed source");
-        Ok(Response {
-            ok: true,
-            listen: Some(bound.to_string()),
-            ..Default::default()
-        })
-    }
-
-    fn arm_dest(self: &Arc<Self>, req: &Request) -> Result<Response, String> {
-        let spec = spec_of(req)?;
-        let id = spec.id;
-        let forward: Addr = field(req.forward.as_deref(), "forward")?.parse()?;
-        if !forward.is_local() {
-            return Err(format!("forward {forward} must be loopback or unix"));
-        }
-        let mut entries = self.lock();
-        if entries.contains_key(&id) {
-            return Err(format!("migration {id} is already armed here"));
-        }
-        let mig = Arc::new(Migration::new(spec));
-        entries.insert(id, Entry::Dest { mig: mig.clone() });
-        drop(entries);
-        self.registry.arm(Armed {
-            mig: mig.clone(),
-            forward,
-        });
-        let daemon = self.clone();
-        std::thread::Builder::new()
-            .name(format!("dest-{id}"))
-            .spawn(move || {
-                let never = AtomicBool::new(false);
-                let outcome = wait_until_done(&mig, &never);
-                daemon.finish(id, outcome);
-            })
-            .map_err(|e| format!("cannot start a thread: {e}"))?;
-        tracing::info!(%id, "armed destination");
-        Ok(Response::ok())
-    }
-
-    /// Records the outcome and drops the key.
-    fn finish(&self, id: MigrationId, outcome: Result<u64, String>) {
-        self.registry.disarm(&id);
-        let mut entries = self.lock();
-        // A disarmed migration stays forgotten.
-        if entries.contains_key(&id) {
-            match &outcome {
-                Ok(bytes) => tracing::info!(%id, bytes, "migration complete"),
-                Err(e) => tracing::warn!(%id, "migration failed: {e}"),
-            }
-            entries.insert(id, Entry::Done(outcome));
-        }
-    }
-
-    fn status(&self, id: &MigrationId) -> Response {
-        let entries = self.lock();
-        let (state, error, bytes) = match entries.get(id) {
-            None => return Response::err(format!("migration {id} is not armed here")),
-            Some(Entry::Source { mig, .. }) | Some(Entry::Dest { mig }) => {
-                let state = if mig.connections() == 0 {
-                    "armed"
-                } else {
-                    "running"
-                };
-                (state, None, None)
-            }
-            Some(Entry::Done(Ok(b))) => ("completed", None, Some(*b)),
-            Some(Entry::Done(Err(e))) => ("failed", Some(e.clone()), None),
-        };
-        Response {
-            ok: true,
-            state: Some(state.into()),
-            error,
-            bytes,
-            ..Default::default()
-        }
-    }
-
-    fn disarm(&self, id: &MigrationId) {
-        self.registry.disarm(id);
-        let entry = self.lock().remove(id);
-        match entry {
-            Some(Entry::Source { mig, stop }) => {
-                stop.store(true, std::sync::atomic::Ordering::Release);
-                mig.fail("disarmed".into());
-            }
-            Some(Entry::Dest { mig }) => mig.fail("disarmed".into()),
-            _ => {}
-        }
-    }
-}
-
-fn wait_until_done(mig: &Migration, stop: &AtomicBool) -> Result<u64, String> {
-    loop {
-        if let Some(o) = mig.poll_outcome(GRACE) {
-            return o;
-        }
-        if stop.load(std::sync::atomic::Ordering::Acquire) {
-            return Err("disarmed".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -242,30 +91,9 @@ fn field<'a>(v: Option<&'a str>, name: &str) -> Result<&'a str, String> {
     v.ok_or_else(|| format!("missing field {name:?}"))
 }
 
-fn id_of(req: &Request) -> Result<MigrationId, String> {
-    field(req.id.as_deref(), "id")?
-        .parse()
-        .map_err(|e: crate::spec::SpecError| e.to_string())
-}
-
-fn spec_of(req: &Request) -> Result<Spec, String> {
-    let id = id_of(req)?;
-    let policy: Policy = field(req.policy.as_deref(), "policy")?
-        .parse()
-        .map_err(|e: vmcrypt_core::policy::UnknownPolicy| e.to_string())?;
-    let key = req
-        .key
-        .as_deref()
-        .map(|k| MigrationKey::from_hex(k.as_bytes()))
-        .transpose()
-        .map_err(|e| e.to_string())?;
-    let nonce = req
-        .nonce
-        .as_deref()
-        .map(parse_nonce)
-        .transpose()
-        .map_err(|e| e.to_string())?;
-    Spec::new(id, policy, key, nonce).map_err(|e| e.to_string())
+fn vm_of(req: &Request) -> Result<[u8; 16], String> {
+    let v = field(req.vm.as_deref(), "vm")?;
+    parse_uuid(v).ok_or_else(|| format!("{v:?} is not a UUID"))
 }
 
 /// Serves the control socket at `path` (mode 0600) until the process ends.
@@ -319,24 +147,127 @@ fn control_connection(conn: UnixStream, daemon: &Arc<Daemon>) {
     }
 }
 
-/// Runs the destination listener and the control socket.
-pub fn run(control: &Path, listen: &Addr) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let registry = Arc::new(Registry::default());
-    let listener: Listener = listen
-        .listen()
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let daemon = Daemon::new(registry.clone());
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    std::thread::Builder::new()
-        .name("dest-accept".into())
-        .spawn(move || {
-            if let Err(e) = crate::dest::serve(&listener, &registry, &st) {
-                tracing::error!("destination listener failed: {e}");
-            }
-        })
-        .context("cannot start the listener thread")?;
-    tracing::info!(control = %control.display(), listen = %listen, "vmcrypt-migrate daemon ready");
-    serve_control(control, daemon).with_context(|| format!("control socket {}", control.display()))
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Control socket path.
+    pub control: PathBuf,
+    /// Network listener (source daemons and redirected connections).
+    pub listen: Addr,
+    /// Loopback port of the outgoing intercept.
+    pub intercept_port: u16,
+    /// Install the netfilter rules (off: nothing is intercepted, for hosts
+    /// that manage the rules themselves).
+    pub netfilter: bool,
 }
+
+/// Runs the daemon: installs the interception, serves the listeners and
+/// the control socket; on SIGTERM or SIGINT removes the rules and exits.
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+        .context("cannot handle SIGTERM/SIGINT")?;
+    let conf = vmcrypt_core::qemu_conf::read();
+    let qemu_uid = vmcrypt_core::qemu_conf::user_uid(&conf).context(
+        "cannot tell which uid QEMU runs as (qemu.conf `user`, or libvirt-qemu): is libvirt installed?",
+    )?;
+    let ports = vmcrypt_core::qemu_conf::migration_ports(&conf);
+    let listen_port = match &opts.listen {
+        Addr::Tcp(a) => a.port(),
+        Addr::Unix(_) => anyhow::bail!("--listen must be HOST:PORT"),
+    };
+    let cfg = crate::transparent::Config {
+        qemu_uid,
+        ports,
+        peer_port: listen_port,
+    };
+    let listen = match &opts.listen {
+        Addr::Tcp(a) => *a,
+        Addr::Unix(_) => unreachable!("checked above"),
+    };
+    let network = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    let mut intercepts = Vec::new();
+    for lo in ["127.0.0.1", "::1"] {
+        let a = SocketAddr::new(lo.parse()?, opts.intercept_port);
+        match bind(a) {
+            Ok(l) => intercepts.push(l),
+            // A host without IPv6 has no ::1.
+            Err(e) if lo == "::1" => tracing::warn!("cannot listen on {a}: {e}; IPv6 migrations are not intercepted"),
+            Err(e) => return Err(e).with_context(|| format!("cannot listen on {a}")),
+        }
+    }
+    let rules = Rules {
+        qemu_uid,
+        ports,
+        intercept_port: opts.intercept_port,
+        listen_port,
+    };
+    let installed = if opts.netfilter {
+        rules
+            .install(Family::V4)
+            .context("cannot install the migration interception (iptables)")?;
+        if let Err(e) = rules.install(Family::V6) {
+            tracing::warn!("IPv6 migrations are not intercepted: {e}");
+        }
+        Some(rules)
+    } else {
+        tracing::warn!("--no-netfilter: migrations are not intercepted");
+        None
+    };
+    let transparent = Transparent::new(cfg);
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let (t, st) = (transparent.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("incoming".into())
+            .spawn(move || t.serve_network(network, st))
+            .context("cannot start a thread")?;
+    }
+    for l in intercepts {
+        let (t, st) = (transparent.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("intercept".into())
+            .spawn(move || t.serve_intercept(l, st))
+            .context("cannot start a thread")?;
+    }
+    {
+        let control = opts.control.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let sig = signals.forever().next();
+                tracing::info!(signal = ?sig, "stopping");
+                if let Some(r) = installed {
+                    r.remove(Family::V4);
+                    r.remove(Family::V6);
+                }
+                let _ = std::fs::remove_file(&control);
+                std::process::exit(0);
+            })
+            .context("cannot start a thread")?;
+    }
+    tracing::info!(
+        control = %opts.control.display(), listen = %listen, qemu_uid,
+        ports = %format!("{}-{}", ports.0, ports.1), intercept = opts.netfilter,
+        "vmcrypt-migrate daemon ready"
+    );
+    let daemon = Daemon::new(transparent, installed);
+    serve_control(&opts.control, daemon)
+        .with_context(|| format!("control socket {}", opts.control.display()))
+}
+
+fn bind(a: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(a),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    if a.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.bind(&a.into())?;
+    sock.listen(128)?;
+    Ok(sock.into())
+}
+

@@ -50,6 +50,9 @@ pub enum ProxyError {
     /// The peer's answer does not match our hello.
     #[error("peer answered for another migration or connection")]
     WrongAnswer,
+    /// The peer's ephemeral public key is not a usable X25519 key.
+    #[error("the peer's ephemeral key is invalid")]
+    BadKeyShare,
     /// A frame of an unexpected type.
     #[error("expected a {expected:?} frame, got {got:?}")]
     UnexpectedFrame {
@@ -86,6 +89,7 @@ impl ProxyError {
             | ProxyError::Frame(_)
             | ProxyError::Record(_)
             | ProxyError::WrongAnswer
+            | ProxyError::BadKeyShare
             | ProxyError::UnexpectedFrame { .. }
             | ProxyError::DataAfterEnd => true,
             ProxyError::Io { .. }

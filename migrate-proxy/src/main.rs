@@ -56,15 +56,26 @@ enum Side {
         #[command(flatten)]
         arm: Arming,
     },
-    /// Run as the host's daemon: many migrations at once, armed over the
-    /// control socket (the libvirt hook and `vmcrypt migrate` use it).
+    /// Run as the host's daemon: carries every migration of this host's
+    /// VMs (installs netfilter rules that send QEMU's migration connections
+    /// through it, and removes them on SIGTERM).
     Daemon {
         /// Control socket (created mode 0600).
         #[arg(long, default_value = "/run/vmcrypt/migrate.sock")]
         control: PathBuf,
-        /// Where source proxies connect (HOST:PORT).
+        /// Where other hosts' daemons connect, and where incoming migration
+        /// connections are redirected (HOST:PORT; the port must be the same
+        /// on every host).
         #[arg(long, default_value = "0.0.0.0:49200")]
         listen: Addr,
+        /// Loopback port to which QEMU's outgoing migration connections are
+        /// redirected.
+        #[arg(long, default_value_t = 49151)]
+        intercept_port: u16,
+        /// Do not install the netfilter rules (nothing is intercepted unless
+        /// the host installs equivalent rules itself).
+        #[arg(long)]
+        no_netfilter: bool,
     },
     /// Destination host: the source proxy connects to --listen; the stream
     /// goes to QEMU's -incoming at --forward.
@@ -114,12 +125,22 @@ const GRACE: Duration = Duration::from_millis(500);
 fn run(cli: Cli) -> anyhow::Result<()> {
     vmcrypt_core::hardening::forbid_core_dumps().context("cannot make the process non-dumpable")?;
     match cli.side {
-        Side::Daemon { control, listen } => {
+        Side::Daemon {
+            control,
+            listen,
+            intercept_port,
+            no_netfilter,
+        } => {
             if let Some(dir) = control.parent() {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            vmcrypt_migrate::daemon::run(&control, &listen)
+            vmcrypt_migrate::daemon::run(&vmcrypt_migrate::daemon::Options {
+                control,
+                listen,
+                intercept_port,
+                netfilter: !no_netfilter,
+            })
         }
         Side::Source { listen, peer, arm } => {
             if !listen.is_local() {

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use crate::addr::Stream;
 use crate::error::ProxyError;
-use crate::spec::Spec;
+use aws_lc_rs::agreement;
+
+use crate::spec::{MigrationKey, Spec};
 use crate::wire::frame::{FrameType, Header, HEADER_LEN, TAG_LEN};
 use crate::wire::hello::{Hello, Kind, Refusal, HELLO_LEN};
 use crate::wire::record::{derive, Opener, Role, Sealer};
@@ -42,6 +44,63 @@ fn kind_of(spec: &Spec) -> Kind {
     } else {
         Kind::Plain
     }
+}
+
+/// What a connection is for, bound into its hellos (and so its keys).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Binding {
+    /// The VM's UUID (zero when armed by hand).
+    pub vm: [u8; 16],
+    /// The destination QEMU's incoming port (0 when armed by hand).
+    pub port: u16,
+}
+
+/// This side's ephemeral X25519 key for one connection: generated fresh,
+/// used once in [`agree`], never stored.
+struct Ephemeral {
+    private: agreement::EphemeralPrivateKey,
+    public: [u8; 32],
+}
+
+fn internal(what: &'static str) -> ProxyError {
+    ProxyError::Io {
+        what,
+        source: std::io::Error::other("failed"),
+    }
+}
+
+impl Ephemeral {
+    fn generate() -> Result<Ephemeral, ProxyError> {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let private = agreement::EphemeralPrivateKey::generate(&agreement::X25519, &rng)
+            .map_err(|_| internal("generating an ephemeral key"))?;
+        let pk = private
+            .compute_public_key()
+            .map_err(|_| internal("generating an ephemeral key"))?;
+        let public: [u8; 32] = pk
+            .as_ref()
+            .try_into()
+            .map_err(|_| internal("generating an ephemeral key"))?;
+        Ok(Ephemeral { private, public })
+    }
+}
+
+/// The key agreement and the traffic keys of an encrypted connection. A
+/// peer public key that is not a valid X25519 point (or one of small order,
+/// which would make the agreement predictable) fails the handshake.
+fn agree(
+    role: Role,
+    ours: Ephemeral,
+    theirs: &[u8; 32],
+    psk: &MigrationKey,
+    nonce: u64,
+    ch: &[u8; HELLO_LEN],
+    sh: &[u8; HELLO_LEN],
+) -> Result<(Sealer, Opener), ProxyError> {
+    let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, theirs);
+    agreement::agree_ephemeral(ours.private, &peer, ProxyError::BadKeyShare, |dh| {
+        derive(role, psk.bytes(), nonce, dh, ch, sh).map_err(ProxyError::from)
+    })
 }
 
 fn random32() -> Result<[u8; 32], ProxyError> {
@@ -122,16 +181,32 @@ fn expect_confirm(s: &Stream, opener: &mut Opener) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Source side: opens the connection `index` of the migration `spec`.
-pub fn client(peer: &Stream, spec: &Spec, index: u32) -> Result<Session, ProxyError> {
+/// Source side: opens the connection `index` of the migration `spec`, for
+/// the VM and destination port in `binding`.
+pub fn client(
+    peer: &Stream,
+    spec: &Spec,
+    binding: Binding,
+    index: u32,
+) -> Result<Session, ProxyError> {
     peer.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(ProxyError::io("setting a timeout"))?;
+    let eph = match spec.crypto {
+        Some(_) => Some(Ephemeral::generate()?),
+        None => None,
+    };
     let ours = Hello {
         kind: kind_of(spec),
         refusal: None,
         index,
         id: spec.id.0,
-        random: random32()?,
+        vm: binding.vm,
+        key_id: spec.crypto.as_ref().map_or([0; 16], |(k, _)| k.id()),
+        port: binding.port,
+        share: match &eph {
+            Some(e) => e.public,
+            None => random32()?,
+        },
     };
     let ch = ours.encode();
     (&*peer)
@@ -148,17 +223,23 @@ pub fn client(peer: &Stream, spec: &Spec, index: u32) -> Result<Session, ProxyEr
             theirs: theirs.kind,
         });
     }
-    if theirs.id != ours.id || theirs.index != index {
+    if theirs.id != ours.id
+        || theirs.index != index
+        || theirs.vm != ours.vm
+        || theirs.port != ours.port
+        || theirs.key_id != ours.key_id
+    {
         return Err(ProxyError::WrongAnswer);
     }
-    let session = match &spec.crypto {
-        None => Session::Plain,
-        Some((key, nonce)) => {
-            let (mut sealer, mut opener) = derive(Role::Source, key.bytes(), *nonce, &ch, &sh)?;
+    let session = match (&spec.crypto, eph) {
+        (Some((key, nonce)), Some(eph)) => {
+            let (mut sealer, mut opener) =
+                agree(Role::Source, eph, &theirs.share, key, *nonce, &ch, &sh)?;
             expect_confirm(peer, &mut opener)?;
             write_frame(peer, &mut sealer, FrameType::Confirm, &[])?;
             Session::Encrypted { sealer, opener }
         }
+        _ => Session::Plain,
     };
     peer.set_read_timeout(None)
         .map_err(ProxyError::io("clearing a timeout"))?;
@@ -181,11 +262,9 @@ pub fn server<T>(
     let theirs = Hello::decode(&ch)?;
     let refuse = |r: Refusal| -> Result<(), ProxyError> {
         let h = Hello {
-            kind: theirs.kind,
             refusal: Some(r),
-            index: theirs.index,
-            id: theirs.id,
-            random: [0; 32],
+            share: [0; 32],
+            ..theirs.clone()
         };
         // Best effort: the peer learns why before we hang up.
         let _ = (&*peer).write_all(&h.encode());
@@ -206,26 +285,37 @@ pub fn server<T>(
             theirs: theirs.kind,
         });
     }
+    if let Some((k, _)) = &spec.crypto {
+        if k.id() != theirs.key_id {
+            refuse(Refusal::UnknownKey)?;
+            return Err(ProxyError::Refused(Refusal::UnknownKey));
+        }
+    }
+    let eph = match spec.crypto {
+        Some(_) => Some(Ephemeral::generate()?),
+        None => None,
+    };
     let sh = Hello {
-        kind: ours_kind,
         refusal: None,
-        index: theirs.index,
-        id: theirs.id,
-        random: random32()?,
+        share: match &eph {
+            Some(e) => e.public,
+            None => random32()?,
+        },
+        ..theirs.clone()
     }
     .encode();
     (&*peer)
         .write_all(&sh)
         .map_err(ProxyError::io("sending the hello"))?;
-    let session = match &spec.crypto {
-        None => Session::Plain,
-        Some((key, nonce)) => {
+    let session = match (&spec.crypto, eph) {
+        (Some((key, nonce)), Some(eph)) => {
             let (mut sealer, mut opener) =
-                derive(Role::Destination, key.bytes(), *nonce, &ch, &sh)?;
+                agree(Role::Destination, eph, &theirs.share, key, *nonce, &ch, &sh)?;
             write_frame(peer, &mut sealer, FrameType::Confirm, &[])?;
             expect_confirm(peer, &mut opener)?;
             Session::Encrypted { sealer, opener }
         }
+        _ => Session::Plain,
     };
     peer.set_read_timeout(None)
         .map_err(ProxyError::io("clearing a timeout"))?;

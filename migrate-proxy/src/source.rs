@@ -70,7 +70,7 @@ fn carry(
     mig.add_stream(&peer)?;
     // No byte of QEMU's is read before the destination has proven it holds
     // the key (its CONFIRM frame): `required` refuses before memory moves.
-    let s = session::client(&peer, &mig.spec, index)?;
+    let s = session::client(&peer, &mig.spec, session::Binding::default(), index)?;
     tracing::info!(
         index,
         encrypted = mig.spec.encrypted(),

@@ -61,6 +61,17 @@ impl MigrationKey {
     pub fn bytes(&self) -> &[u8; KEY_LEN] {
         &self.0
     }
+
+    /// Its public name, sent in the hello so the destination can pick the
+    /// same pre-shared key ([`vmcrypt_core::kms::cluster_id`]).
+    pub fn id(&self) -> [u8; 16] {
+        vmcrypt_core::kms::cluster_id(&self.0)
+    }
+
+    /// A key from raw bytes (a provider's cluster secret).
+    pub fn from_bytes(b: &[u8; KEY_LEN]) -> Self {
+        MigrationKey(Zeroizing::new(*b))
+    }
 }
 
 impl fmt::Debug for MigrationKey {

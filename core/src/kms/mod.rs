@@ -137,3 +137,46 @@ pub trait KeyProvider: Send + Sync {
     /// Checks that the provider answers (for `vmcrypt kms check`).
     fn check(&self) -> Result<(), ProviderError>;
 }
+
+/// The label of a provider's cluster secret.
+pub const CLUSTER_SECRET_LABEL: &str = "vmcrypt-cluster-secret";
+
+/// The provider's cluster secret: the pre-shared key with which the
+/// migration proxies of hosts sharing this provider authenticate their key
+/// exchange (DESIGN.md "Control plane"). It is an ordinary provider key
+/// named [`CLUSTER_SECRET_LABEL`]; with `create`, one is made if none
+/// exists. Two hosts creating one at the same moment both succeed, and both
+/// then use the one with the smallest id, so they still agree.
+pub fn cluster_secret(p: &dyn KeyProvider, create: bool) -> Result<Option<Kek>, ProviderError> {
+    let mut ids = p.locate(CLUSTER_SECRET_LABEL)?;
+    if ids.is_empty() {
+        if !create {
+            return Ok(None);
+        }
+        p.create_key(CLUSTER_SECRET_LABEL)?;
+        ids = p.locate(CLUSTER_SECRET_LABEL)?;
+    }
+    // Numeric ids (KMIP servers often use them) compare as numbers.
+    ids.sort_by(|a, b| match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        _ => a.cmp(b),
+    });
+    match ids.first() {
+        Some(id) => p.get_key(id).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A public name for a cluster secret, sent in the clear so the peer can
+/// pick the same one: the first 16 bytes of SHA-256 over a label and the
+/// secret. The secret has 256 bits of entropy, so this reveals nothing
+/// usable about it.
+pub fn cluster_id(secret: &[u8; KEK_LEN]) -> [u8; 16] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(b"vmcrypt cluster secret id\0");
+    ctx.update(&secret[..]);
+    let d = ctx.finish();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&d.as_ref()[..16]);
+    out
+}

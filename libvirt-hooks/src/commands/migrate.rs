@@ -1,19 +1,20 @@
-//! `vmcrypt migrate DOMAIN DEST_URI`: the migration coordinator (DESIGN.md
-//! "Control plane"), the analog of vCenter driving an encrypted vMotion.
+//! `vmcrypt migrate DOMAIN DEST_URI`: a live migration with vmcrypt's
+//! checks first and its report after, the analog of vCenter driving an
+//! encrypted vMotion.
 //!
-//! 1. Read the domain's policy and disks from its metadata.
-//! 2. Decide: encrypted when both hosts' vmcrypt-migrate daemons answer;
-//!    otherwise plain if the policy allows it, or refuse.
-//! 3. Encrypted: make a one-time key and nonce, arm the local proxy, and
-//!    ask libvirt to migrate with QEMU pointed at that proxy and the ticket
-//!    (id, key, nonce, where to deliver) inside the destination XML's
-//!    metadata. The destination hook arms its proxy from the ticket and
-//!    strips it before libvirt keeps the XML.
-//! 4. Whatever happens, disarm the local proxy and say what was done.
-//!
-//! The ticket holds the key, so it only travels over a libvirt connection
-//! that is itself encrypted (TLS or SSH) unless `--allow-insecure-transport`.
+//! The encryption itself is the same as for any `virsh migrate`: both
+//! hosts' vmcrypt-migrate daemons carry QEMU's migration connections and
+//! agree on the keys between themselves (DESIGN.md "Control plane"). This
+//! command adds what a plain `virsh migrate` cannot:
+//! 1. before: the domain's policy against what both hosts can do (this
+//!    host's daemon intercepts, the destination's daemon answers), so a
+//!    migration that would be refused is refused before it starts, with the
+//!    reason;
+//! 2. during: progress on a terminal;
+//! 3. after: how it travelled (encrypted or plain, and why), from the local
+//!    daemon's record of it, as text or `--json`.
 
+use std::io::IsTerminal;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
@@ -22,11 +23,9 @@ use serde::Serialize;
 use virt::connect::Connect;
 use virt::domain::{Domain, MigrateParameters};
 use virt::sys;
-use vmcrypt_core::domain::{MigrationTicket, VmMetadata};
+use vmcrypt_core::domain::VmMetadata;
 use vmcrypt_core::policy::Policy;
-use vmcrypt_migrate::control::{self, Request};
-use vmcrypt_migrate::spec::MigrationKey;
-use zeroize::{Zeroize, Zeroizing};
+use vmcrypt_migrate::control::{self, Request, Response};
 
 use crate::output;
 use vmcrypt_cli::paths;
@@ -41,8 +40,8 @@ pub struct MigrateArgs {
     /// Let the source libvirtd talk to the destination itself (peer to peer).
     #[arg(long)]
     pub p2p: bool,
-    /// The destination's vmcrypt-migrate, HOST:PORT (default: the host of
-    /// DEST_URI, port 49200).
+    /// The destination's vmcrypt-migrate, HOST:PORT, for the check before
+    /// the migration (default: the host of DEST_URI, port 49200).
     #[arg(long, value_name = "HOST:PORT")]
     pub peer: Option<String>,
     /// The local libvirt.
@@ -51,47 +50,28 @@ pub struct MigrateArgs {
     /// Migrate over N parallel connections (QEMU multifd).
     #[arg(long, value_name = "N")]
     pub parallel: Option<u16>,
+    /// The address QEMU migrates to, as `virsh migrate --migrateuri`
+    /// (tcp://HOST[:PORT]); default: libvirt's choice (the destination's
+    /// host name).
+    #[arg(long, value_name = "URI")]
+    pub migrate_uri: Option<String>,
     /// Keep the domain defined on this host after it moved.
     #[arg(long)]
     pub keep_source: bool,
-    /// Send the migration key over a libvirt connection that is not
-    /// encrypted (qemu+tcp). For tests only: anyone on the network path
-    /// could read the key.
-    #[arg(long)]
-    pub allow_insecure_transport: bool,
-    /// How QEMU reaches the local vmcrypt-migrate on each host: `unix`
-    /// (a socket in /run/vmcrypt/migrate; about 20 % less proxy CPU) or
-    /// `tcp` (loopback, for hosts whose QEMU confinement forbids that
-    /// directory).
-    #[arg(long, value_enum, default_value = "unix")]
-    pub local_transport: LocalTransport,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-/// See [`MigrateArgs::local_transport`].
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LocalTransport {
-    /// Unix sockets.
-    Unix,
-    /// Loopback TCP.
-    Tcp,
 }
 
 #[derive(Serialize)]
 struct Outcome<'a> {
     domain: &'a str,
     dest: &'a str,
-    mode: &'a str,
+    mode: String,
     reason: Option<String>,
     bytes: Option<u64>,
+    connections: Option<u32>,
     seconds: f64,
-}
-
-enum Mode {
-    Encrypted,
-    Plain(String),
 }
 
 /// `vmcrypt migrate`.
@@ -114,9 +94,12 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
         );
     }
     let xml = dom
-        .xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE | sys::VIR_DOMAIN_XML_SECURE)
+        .xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
         .map_err(|e| anyhow::anyhow!("cannot read {}'s XML: {}", a.domain, e.message()))?;
     let meta = VmMetadata::from_domain_xml(&xml).with_context(|| a.domain.clone())?;
+    let uuid = dom
+        .uuid_string()
+        .map_err(|e| anyhow::anyhow!("cannot read {}'s UUID: {}", a.domain, e.message()))?;
     let must_encrypt = meta.encrypted() || meta.policy == Policy::Required;
     let dest_host = uri_host(&a.dest_uri)?;
     let peer = a
@@ -124,33 +107,21 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("{}:{}", bracket(&dest_host), paths::MIGRATE_PORT));
     let why_must = if meta.encrypted() {
-        "it is encrypted".to_string()
+        "it is encrypted"
     } else {
-        "its policy is required".to_string()
+        "its policy is required"
     };
-
-    let mode = if !must_encrypt && meta.policy == Policy::Disabled {
-        Mode::Plain("policy disabled".into())
+    let expected = if !must_encrypt && meta.policy == Policy::Disabled {
+        Err("policy disabled".to_string())
     } else {
         match ready_to_encrypt(&peer) {
-            Ok(()) => Mode::Encrypted,
+            Ok(()) => Ok(()),
             Err(why) if must_encrypt => {
                 bail!("refusing to migrate {}: {why_must}, but {why}", a.domain)
             }
-            Err(why) => Mode::Plain(format!("{why}; policy opportunistic allows plain")),
+            Err(why) => Err(format!("{why}; policy opportunistic allows plain")),
         }
     };
-    if matches!(mode, Mode::Encrypted)
-        && !transport_is_encrypted(&a.dest_uri)
-        && !a.allow_insecure_transport
-    {
-        bail!(
-            "refusing to send {}'s migration key over {}: that libvirt connection is not encrypted \
-             (use qemu+tls:// or qemu+ssh://; --allow-insecure-transport is for tests)",
-            a.domain,
-            a.dest_uri
-        );
-    }
     let persistent = dom.is_persistent().unwrap_or(false);
     let mut flags = sys::VIR_MIGRATE_LIVE;
     if a.p2p {
@@ -165,11 +136,10 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
     if a.parallel.is_some() {
         flags |= sys::VIR_MIGRATE_PARALLEL;
     }
-    let id = hex::encode(vmcrypt_core::key::random_bytes(16)?.as_slice());
     let t0 = Instant::now();
     if !a.json {
         println!(
-            "migrating {} to {} (policy {}{})",
+            "migrating {} to {} (policy {}{}): {}",
             a.domain,
             a.dest_uri,
             meta.policy,
@@ -177,108 +147,30 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
                 ", encrypted disks"
             } else {
                 ""
+            },
+            match &expected {
+                Ok(()) => "AES-256-GCM, keys agreed by the two hosts' vmcrypt-migrate".to_string(),
+                Err(why) => format!("plain ({why})"),
             }
         );
     }
-    let (params, armed) = match &mode {
-        Mode::Encrypted => {
-            let key = MigrationKey::random()?;
-            let key_hex = Zeroizing::new(hex::encode(key.bytes()));
-            let nonce_hex = hex::encode(vmcrypt_core::key::random_bytes(8)?.as_slice());
-            let mut req = Request::new("arm-source");
-            req.id = Some(id.clone());
-            let socket =
-                paths::migrate_socket(&id).context("internal: a migration id not in hex")?;
-            req.listen = Some(match a.local_transport {
-                LocalTransport::Unix => {
-                    paths::ensure_migrate_socket_dir()
-                        .with_context(|| format!("cannot create {}", paths::MIGRATE_SOCKET_DIR))?;
-                    format!("unix:{}", socket.display())
-                }
-                LocalTransport::Tcp => "127.0.0.1:0".into(),
-            });
-            req.peer = Some(peer.clone());
-            req.policy = Some(meta.policy.to_string());
-            req.key = Some(key_hex.to_string());
-            req.nonce = Some(nonce_hex.clone());
-            // The source QEMU (and root) may connect, nobody else.
-            req.owner = qemu_owner(&a.domain).map(|(uid, gid)| format!("{uid}:{gid}"));
-            let resp = control::call(&paths::migrate_control(), &req)
-                .context("cannot arm the local vmcrypt-migrate")?;
-            let listen = resp
-                .listen
-                .context("the local vmcrypt-migrate did not say where it listens")?;
-            let armed = Armed(id.clone());
-            let (forward, uri, listen_address) = match a.local_transport {
-                LocalTransport::Unix => {
-                    let path = socket.display().to_string();
-                    (format!("unix:{path}"), format!("unix://{path}"), None)
-                }
-                LocalTransport::Tcp => {
-                    let port = listen
-                        .rsplit(':')
-                        .next()
-                        .and_then(|p| p.parse::<u16>().ok())
-                        .context("the local vmcrypt-migrate listens on an odd address")?;
-                    (
-                        format!("127.0.0.1:{port}"),
-                        format!("tcp://{listen}"),
-                        Some("127.0.0.1".to_string()),
-                    )
-                }
-            };
-            let ticket = MigrationTicket {
-                id: id.clone(),
-                forward: Some(forward),
-                crypto: Some((key_hex, nonce_hex)),
-            };
-            let dest_xml = VmMetadata {
-                migration: Some(ticket),
-                ..meta.clone()
-            }
-            .replace_in(&xml)?;
-            if !a.json {
-                println!(
-                    "  encrypted: AES-256-GCM with a one-time key, QEMU -> {listen} -> {peer} -> QEMU"
-                );
-            }
-            let params = MigrateParameters {
-                uri: Some(uri),
-                listen_address,
-                dest_xml: Some(dest_xml),
-                parallel_connections: a.parallel.map(i32::from),
-                ..Default::default()
-            };
-            (params, Some(armed))
-        }
-        Mode::Plain(why) => {
-            if !a.json {
-                println!("  plain: {why}");
-            }
-            let ticket = MigrationTicket {
-                id: id.clone(),
-                forward: None,
-                crypto: None,
-            };
-            let dest_xml = VmMetadata {
-                migration: Some(ticket),
-                ..meta.clone()
-            }
-            .replace_in(&xml)?;
-            let params = MigrateParameters {
-                dest_xml: Some(dest_xml),
-                parallel_connections: a.parallel.map(i32::from),
-                ..Default::default()
-            };
-            (params, None)
-        }
+    let params = MigrateParameters {
+        uri: a.migrate_uri.clone(),
+        parallel_connections: a.parallel.map(i32::from),
+        ..Default::default()
     };
+    let progress = (!a.json && std::io::stderr().is_terminal()).then(|| Progress::start(&dom, &a.connect));
     let result = migrate(&dom, a, params, flags);
-    let proxy = armed.as_ref().map(|ar| ar.wait_outcome());
+    drop(progress);
+    let record = last_record(&uuid);
     if let Err(e) = result {
         let mut msg = format!("migration of {} failed: {e}", a.domain);
-        if let Some(Err(p)) = &proxy {
-            msg.push_str(&format!("; the local vmcrypt-migrate reports: {p}"));
+        if let Some(r) = &record {
+            if r.state.as_deref() == Some("failed") {
+                if let Some(why) = &r.error {
+                    msg.push_str(&format!("; vmcrypt-migrate: {why}"));
+                }
+            }
         }
         if dom.is_active().unwrap_or(false) {
             msg.push_str(&format!("; {} keeps running here", a.domain));
@@ -286,17 +178,21 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
         bail!(msg);
     }
     let seconds = t0.elapsed().as_secs_f64();
-    let bytes = match &proxy {
-        Some(Ok(b)) => Some(*b),
-        Some(Err(p)) => {
-            tracing::warn!("libvirt reports success but the proxy reports: {p}");
-            None
-        }
-        None => None,
-    };
-    let (mode_name, reason) = match mode {
-        Mode::Encrypted => ("encrypted", None),
-        Mode::Plain(w) => ("plain", Some(w)),
+    let (mode, reason, bytes, connections) = match &record {
+        Some(r) => (
+            r.mode.clone().unwrap_or_else(|| "unknown".into()),
+            r.error.clone(),
+            r.bytes,
+            r.connections,
+        ),
+        // Nothing went through this host's daemon: libvirt moved the
+        // memory itself (a tunnelled migration, or no interception).
+        None => (
+            "not through vmcrypt".to_string(),
+            Some("this host's vmcrypt-migrate carried no connection of this migration".into()),
+            None,
+            None,
+        ),
     };
     if a.json {
         return output::json(
@@ -304,95 +200,126 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
             &Outcome {
                 domain: &a.domain,
                 dest: &a.dest_uri,
-                mode: mode_name,
+                mode,
                 reason,
                 bytes,
+                connections,
                 seconds,
             },
         );
     }
+    let how = match &reason {
+        Some(r) if mode != "encrypted" => format!("{mode} ({r})"),
+        _ => mode,
+    };
     match bytes {
         Some(b) => println!(
-            "migrated {} to {} {mode_name}: {:.0} MB in {seconds:.1} s",
+            "migrated {} to {} {how}: {:.0} MB in {seconds:.1} s",
             a.domain,
             a.dest_uri,
             b as f64 / 1e6
         ),
         None => println!(
-            "migrated {} to {} {mode_name} in {seconds:.1} s",
+            "migrated {} to {} {how} in {seconds:.1} s",
             a.domain, a.dest_uri
         ),
     }
     Ok(())
 }
 
-/// The uid and gid of the domain's QEMU, from libvirt's pid file.
-fn qemu_owner(domain: &str) -> Option<(u32, u32)> {
-    use std::os::unix::fs::MetadataExt;
-    let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid")).ok()?;
-    let meta = std::fs::metadata(format!("/proc/{}", pid.trim())).ok()?;
-    Some((meta.uid(), meta.gid()))
+/// The local daemon's record of the VM's last migration, once it is over
+/// (the daemon calls a migration over shortly after its last connection).
+fn last_record(uuid: &str) -> Option<Response> {
+    let t0 = Instant::now();
+    loop {
+        let mut req = Request::new("last");
+        req.vm = Some(uuid.to_string());
+        let r = control::call(&paths::migrate_control(), &req).ok();
+        match &r {
+            Some(resp) if resp.state.as_deref() == Some("running") => {
+                if t0.elapsed() > Duration::from_secs(5) {
+                    return r;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            _ => return r,
+        }
+    }
+}
+
+/// A progress line on stderr while the migration runs (libvirt's job
+/// statistics, read from another connection so the migration call is not
+/// blocked).
+struct Progress {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(dom: &Domain, uri: &str) -> Progress {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let name = dom.name().unwrap_or_default();
+        let uri = uri.to_string();
+        let thread = std::thread::spawn(move || {
+            let Ok(conn) = Connect::open(Some(&uri)) else {
+                return;
+            };
+            let Ok(dom) = conn.lookup_domain_by_name(&name) else {
+                return;
+            };
+            while !st.load(Ordering::Acquire) {
+                if let Ok(info) = dom.job_info() {
+                    let mb = |v: Option<u64>| v.unwrap_or(0) as f64 / 1e6;
+                    if info.data_total.unwrap_or(0) > 0 {
+                        eprint!(
+                            "\r  {:.0} of {:.0} MB sent ({:.0} MB left)   ",
+                            mb(info.data_processed),
+                            mb(info.data_total),
+                            mb(info.data_remaining)
+                        );
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            eprint!("\r{:60}\r", "");
+        });
+        Progress {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn migrate(
     dom: &Domain,
     a: &MigrateArgs,
-    mut params: MigrateParameters,
+    params: MigrateParameters,
     flags: u32,
 ) -> anyhow::Result<()> {
     let r = if a.p2p {
-        dom.migrate_to_uri3(Some(&a.dest_uri), params.clone(), flags)
+        dom.migrate_to_uri3(Some(&a.dest_uri), params, flags)
     } else {
         match Connect::open(Some(&a.dest_uri)) {
-            Ok(dconn) => dom.migrate3(&dconn, params.clone(), flags).map(|_| ()),
+            Ok(dconn) => dom.migrate3(&dconn, params, flags).map(|_| ()),
             Err(e) => Err(e),
         }
     };
-    if let Some(x) = params.dest_xml.as_mut() {
-        x.zeroize();
-    }
     r.map_err(|e| anyhow::anyhow!("{}", one_line(e.message())))
 }
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// The local proxy's migration: disarmed (its key dropped) on drop.
-struct Armed(String);
-
-impl Armed {
-    /// Waits for the proxy to call the stream finished; bytes moved, or why
-    /// it failed.
-    fn wait_outcome(&self) -> Result<u64, String> {
-        let t0 = Instant::now();
-        loop {
-            let mut req = Request::new("status");
-            req.id = Some(self.0.clone());
-            match control::call(&paths::migrate_control(), &req) {
-                Ok(r) => match r.state.as_deref() {
-                    Some("completed") => return Ok(r.bytes.unwrap_or(0)),
-                    Some("failed") => return Err(r.error.unwrap_or_else(|| "failed".into())),
-                    _ if t0.elapsed() > Duration::from_secs(5) => {
-                        return Err(format!(
-                            "the stream is still {}",
-                            r.state.unwrap_or_else(|| "unknown".into())
-                        ))
-                    }
-                    _ => std::thread::sleep(Duration::from_millis(100)),
-                },
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    }
-}
-
-impl Drop for Armed {
-    fn drop(&mut self) {
-        let mut req = Request::new("disarm");
-        req.id = Some(self.0.clone());
-        let _ = control::call(&paths::migrate_control(), &req);
-    }
 }
 
 /// Whether this host and the destination can carry an encrypted
@@ -402,8 +329,11 @@ impl Drop for Armed {
 /// `required` or encrypted one): see docs/security.md.
 fn ready_to_encrypt(peer: &str) -> Result<(), String> {
     let ctl = paths::migrate_control();
-    control::call(&ctl, &Request::new("ping"))
+    let ping = control::call(&ctl, &Request::new("ping"))
         .map_err(|e| format!("this host's vmcrypt-migrate daemon does not answer ({e})"))?;
+    if ping.intercept != Some(true) {
+        return Err("this host's vmcrypt-migrate does not intercept migrations (its netfilter rules are missing; restart vmcrypt-migrate)".into());
+    }
     let addrs: Vec<_> = peer
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve the destination proxy {peer}: {e}"))?
@@ -445,15 +375,6 @@ fn bracket(host: &str) -> String {
     }
 }
 
-/// libvirt transports that encrypt: TLS (the default for a remote URI
-/// without `+transport`) and SSH.
-fn transport_is_encrypted(uri: &str) -> bool {
-    let scheme = uri.split("://").next().unwrap_or("");
-    match scheme.split_once('+') {
-        None => true,
-        Some((_, t)) => matches!(t, "tls" | "ssh" | "libssh" | "libssh2"),
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -478,11 +399,4 @@ mod tests {
         assert_eq!(bracket("fd00::2"), "[fd00::2]");
     }
 
-    #[test]
-    fn encrypted_transports() {
-        assert!(transport_is_encrypted("qemu+tls://b/system"));
-        assert!(transport_is_encrypted("qemu://b/system"));
-        assert!(transport_is_encrypted("qemu+ssh://b/system"));
-        assert!(!transport_is_encrypted("qemu+tcp://b/system"));
-    }
 }

@@ -1,31 +1,36 @@
 //! The two hello messages that open every proxy-to-proxy connection.
 //!
-//! Both have the same 64-byte layout:
+//! Both have the same 128-byte layout:
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `VMCMIGR\0` |
-//! | 8 | 1 | version (1) |
+//! | 8 | 1 | version (2) |
 //! | 9 | 1 | kind: 0 plain, 1 AES-256-GCM |
 //! | 10 | 1 | status (server only): 0 accepted, else a [`Refusal`] |
 //! | 11 | 1 | reserved, 0 |
 //! | 12 | 4 | connection index (big-endian), echoed by the server |
-//! | 16 | 16 | migration id |
-//! | 32 | 32 | random (fresh per connection and side) |
+//! | 16 | 16 | migration id, echoed |
+//! | 32 | 16 | VM UUID (zero when armed by hand), echoed |
+//! | 48 | 16 | key id: which pre-shared key (zero for plain), echoed |
+//! | 64 | 2 | destination port: the destination QEMU's incoming port (0 when armed by hand), echoed |
+//! | 66 | 30 | reserved, 0 |
+//! | 96 | 32 | encrypted: this side's ephemeral X25519 public key; plain: random |
 //!
 //! The hellos travel in clear. For an encrypted connection the traffic keys
-//! are derived from the SHA-256 of both hellos, so any change to them makes
-//! the first frame fail to authenticate (see [`super::record`]). The kind is
-//! never negotiated: each side is armed with one and refuses the other.
+//! come from the pre-shared key, the X25519 agreement of both ephemeral keys
+//! and the SHA-256 of both hellos, so any change to them makes the first
+//! frame fail to authenticate (see [`super::record`]). The kind is never
+//! negotiated: each side is armed with one and refuses the other.
 
 use std::fmt;
 
 /// Size of a hello.
-pub const HELLO_LEN: usize = 64;
+pub const HELLO_LEN: usize = 128;
 /// The magic.
 pub const MAGIC: [u8; 8] = *b"VMCMIGR\0";
 /// The only version we speak.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// What kind of stream follows the hellos.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +70,12 @@ pub enum Refusal {
     BadIndex,
     /// Something else went wrong on the destination.
     Internal,
+    /// The destination's hook did not announce this VM, or no QEMU of this
+    /// VM waits on the named port.
+    NotExpected,
+    /// The destination has no pre-shared key with this key id (the hosts
+    /// do not share a key provider).
+    UnknownKey,
 }
 
 impl Refusal {
@@ -74,6 +85,8 @@ impl Refusal {
             Refusal::KindMismatch => 2,
             Refusal::BadIndex => 3,
             Refusal::Internal => 4,
+            Refusal::NotExpected => 5,
+            Refusal::UnknownKey => 6,
         }
     }
 
@@ -83,6 +96,8 @@ impl Refusal {
             2 => Some(Refusal::KindMismatch),
             3 => Some(Refusal::BadIndex),
             4 => Some(Refusal::Internal),
+            5 => Some(Refusal::NotExpected),
+            6 => Some(Refusal::UnknownKey),
             _ => None,
         }
     }
@@ -97,6 +112,12 @@ impl fmt::Display for Refusal {
             }
             Refusal::BadIndex => "connection index reused or out of order",
             Refusal::Internal => "internal error on the destination",
+            Refusal::NotExpected => {
+                "the destination does not expect this VM (its libvirt hook did not announce it, or no QEMU of it waits on that port)"
+            }
+            Refusal::UnknownKey => {
+                "the destination does not share this host's key provider (no common cluster secret)"
+            }
         })
     }
 }
@@ -112,8 +133,14 @@ pub struct Hello {
     pub index: u32,
     /// Migration id.
     pub id: [u8; 16],
-    /// Fresh random bytes.
-    pub random: [u8; 32],
+    /// The VM's UUID (zero when armed by hand).
+    pub vm: [u8; 16],
+    /// Which pre-shared key (zero for plain).
+    pub key_id: [u8; 16],
+    /// The destination QEMU's incoming port (0 when armed by hand).
+    pub port: u16,
+    /// Ephemeral X25519 public key (encrypted) or random bytes (plain).
+    pub share: [u8; 32],
 }
 
 /// Why 64 bytes are not a hello.
@@ -140,7 +167,10 @@ impl Hello {
         b[10] = self.refusal.map_or(0, Refusal::wire);
         b[12..16].copy_from_slice(&self.index.to_be_bytes());
         b[16..32].copy_from_slice(&self.id);
-        b[32..64].copy_from_slice(&self.random);
+        b[32..48].copy_from_slice(&self.vm);
+        b[48..64].copy_from_slice(&self.key_id);
+        b[64..66].copy_from_slice(&self.port.to_be_bytes());
+        b[96..128].copy_from_slice(&self.share);
         b
     }
 
@@ -161,19 +191,25 @@ impl Hello {
             0 => None,
             s => Some(Refusal::from_wire(s).ok_or(HelloError::Malformed)?),
         };
-        if b[11] != 0 {
+        if b[11] != 0 || b[66..96].iter().any(|&x| x != 0) {
             return Err(HelloError::Malformed);
         }
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&b[16..32]);
-        let mut random = [0u8; 32];
-        random.copy_from_slice(&b[32..64]);
+        let field = |r: std::ops::Range<usize>| {
+            let mut f = [0u8; 16];
+            f.copy_from_slice(&b[r]);
+            f
+        };
+        let mut share = [0u8; 32];
+        share.copy_from_slice(&b[96..128]);
         Ok(Hello {
             kind,
             refusal,
             index: u32::from_be_bytes([b[12], b[13], b[14], b[15]]),
-            id,
-            random,
+            id: field(16..32),
+            vm: field(32..48),
+            key_id: field(48..64),
+            port: u16::from_be_bytes([b[64], b[65]]),
+            share,
         })
     }
 }
@@ -188,7 +224,10 @@ mod tests {
             refusal: Some(Refusal::KindMismatch),
             index: 3,
             id: [7; 16],
-            random: [9; 32],
+            vm: [1; 16],
+            key_id: [2; 16],
+            port: 49153,
+            share: [9; 32],
         }
     }
 
@@ -204,8 +243,11 @@ mod tests {
         b[0] = b'X';
         assert_eq!(Hello::decode(&b), Err(HelloError::BadMagic));
         let mut b = sample().encode();
-        b[8] = 2;
-        assert_eq!(Hello::decode(&b), Err(HelloError::Version(2)));
+        b[8] = 1;
+        assert_eq!(Hello::decode(&b), Err(HelloError::Version(1)));
+        let mut b = sample().encode();
+        b[70] = 1;
+        assert_eq!(Hello::decode(&b), Err(HelloError::Malformed));
         let mut b = sample().encode();
         b[9] = 7;
         assert_eq!(Hello::decode(&b), Err(HelloError::Malformed));

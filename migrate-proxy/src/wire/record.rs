@@ -3,15 +3,24 @@
 //! # Key schedule
 //! ```text
 //! th      = SHA-256(ClientHello || ServerHello)
-//! prk     = HKDF-Extract(salt = "vmcrypt-migrate v1" || nonce64, ikm = migration key)
+//! dh      = X25519(our ephemeral private key, the peer's ephemeral public key)
+//! prk     = HKDF-Extract(salt = "vmcrypt-migrate v2" || nonce64, ikm = psk || dh)
 //! k_c2s   = HKDF-Expand(prk, "c2s" || th, 32)    source -> destination
 //! k_s2c   = HKDF-Expand(prk, "s2c" || th, 32)    destination -> source
 //! nonce_i = nonce64 || i (32-bit big-endian frame counter, from 0)
 //! ```
-//! Both hellos carry 32 fresh random bytes, so every connection, and each of
-//! its two directions, has its own keys: multifd channels and the return
-//! path never share a (key, nonce) pair, and a recorded connection replayed
-//! later meets different keys and fails on its first frame.
+//! `psk` is the pre-shared key: the provider's cluster secret when the
+//! daemons carry a migration (nonce64 = 0), or the one-time key given on
+//! the command line (with its nonce). Both hellos carry a fresh ephemeral
+//! public key, so every connection, and each of its two directions, has its
+//! own keys: multifd channels and the return path never share a (key,
+//! nonce) pair, and a recorded connection replayed later meets different
+//! keys and fails on its first frame. The keys need both the pre-shared key
+//! (authentication: only hosts that hold it can complete the exchange) and
+//! the ephemeral agreement, whose private halves are dropped once the keys
+//! are derived (forward secrecy: a later leak of the cluster secret does not
+//! decrypt a recorded migration). The hellos, and so `th`, bind the VM's
+//! UUID, the destination port, the connection index and the key id.
 //!
 //! # Limits
 //! A direction may send at most 2^32 - 1 frames (about 4 PiB at the 1 MiB
@@ -89,12 +98,13 @@ fn direction_key(
     Ok(LessSafeKey::new(UnboundKey::from(okm)))
 }
 
-/// Derives this side's sealer and opener from the migration key and nonce
-/// and the two hellos as sent.
+/// Derives this side's sealer and opener from the pre-shared key and nonce,
+/// the ephemeral agreement `dh` and the two hellos as sent.
 pub fn derive(
     role: Role,
-    key: &[u8; 32],
+    psk: &[u8; 32],
     nonce: u64,
+    dh: &[u8],
     client_hello: &[u8; HELLO_LEN],
     server_hello: &[u8; HELLO_LEN],
 ) -> Result<(Sealer, Opener), RecordError> {
@@ -102,9 +112,12 @@ pub fn derive(
     ctx.update(client_hello);
     ctx.update(server_hello);
     let th = ctx.finish();
-    let mut salt = b"vmcrypt-migrate v1".to_vec();
+    let mut salt = b"vmcrypt-migrate v2".to_vec();
     salt.extend_from_slice(&nonce.to_be_bytes());
-    let prk = Salt::new(HKDF_SHA256, &salt).extract(key);
+    let mut ikm = zeroize::Zeroizing::new(Vec::with_capacity(psk.len() + dh.len()));
+    ikm.extend_from_slice(psk);
+    ikm.extend_from_slice(dh);
+    let prk = Salt::new(HKDF_SHA256, &salt).extract(&ikm);
     let c2s = direction_key(&prk, b"c2s", th.as_ref())?;
     let s2c = direction_key(&prk, b"s2c", th.as_ref())?;
     let prefix = nonce.to_be_bytes();
@@ -170,8 +183,8 @@ mod tests {
         let sh = [2u8; HELLO_LEN];
         let k = [5u8; 32];
         (
-            derive(Role::Source, &k, 42, &ch, &sh).unwrap(),
-            derive(Role::Destination, &k, 42, &ch, &sh).unwrap(),
+            derive(Role::Source, &k, 42, &[3; 32], &ch, &sh).unwrap(),
+            derive(Role::Destination, &k, 42, &[3; 32], &ch, &sh).unwrap(),
         )
     }
 
@@ -233,8 +246,20 @@ mod tests {
     #[test]
     fn other_hellos_give_other_keys() {
         let k = [5u8; 32];
-        let (mut s, _) = derive(Role::Source, &k, 42, &[1; 64], &[2; 64]).unwrap();
-        let (_, mut o) = derive(Role::Destination, &k, 42, &[1; 64], &[3; 64]).unwrap();
+        let h = |b| [b; HELLO_LEN];
+        let (mut s, _) = derive(Role::Source, &k, 42, &[3; 32], &h(1), &h(2)).unwrap();
+        let (_, mut o) = derive(Role::Destination, &k, 42, &[3; 32], &h(1), &h(3)).unwrap();
+        let f = frame(&mut s, b"x");
+        assert!(open(&mut o, &f).is_err());
+        // Same hellos and key, another agreement (an attacker without the
+        // ephemeral private keys): other keys.
+        let (mut s, _) = derive(Role::Source, &k, 42, &[3; 32], &h(1), &h(2)).unwrap();
+        let (_, mut o) = derive(Role::Destination, &k, 42, &[4; 32], &h(1), &h(2)).unwrap();
+        let f = frame(&mut s, b"x");
+        assert!(open(&mut o, &f).is_err());
+        // Same agreement, another pre-shared key: other keys.
+        let (mut s, _) = derive(Role::Source, &k, 42, &[3; 32], &h(1), &h(2)).unwrap();
+        let (_, mut o) = derive(Role::Destination, &[6; 32], 42, &[3; 32], &h(1), &h(2)).unwrap();
         let f = frame(&mut s, b"x");
         assert!(open(&mut o, &f).is_err());
     }
