@@ -26,6 +26,11 @@ command -v virt-install >/dev/null || need+=(virtinst)
 command -v apparmor_parser >/dev/null || need+=(apparmor)
 command -v setpriv >/dev/null || need+=(util-linux)
 [ -x /usr/bin/python3 ] || need+=(python3)
+# Transparent migration: the daemon's netfilter rules (the package depends
+# on iptables too), and OpenStack Nova's libvirt calls replayed through the
+# libvirt Python binding (tests/scripts/nova_live_migrate.py).
+command -v iptables >/dev/null || need+=(iptables)
+dpkg -s python3-libvirt >/dev/null 2>&1 || need+=(python3-libvirt)
 # The KMIP tests: openssl makes their certificates; PyKMIP runs in a venv.
 command -v openssl >/dev/null || need+=(openssl)
 PYKMIP_VENV=/opt/pykmip-venv

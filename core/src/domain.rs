@@ -25,8 +25,6 @@
 //! The element lives in its own namespace, so libvirt keeps it verbatim,
 //! carries it along with migrations, and hands it to hooks.
 
-
-
 use crate::kms::KeyRef;
 use crate::policy::Policy;
 

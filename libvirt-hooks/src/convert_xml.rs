@@ -411,7 +411,6 @@ mod tests {
                 }),
                 serial: Some("abc&1".into()),
             }],
-            migration: None,
         }
     }
 

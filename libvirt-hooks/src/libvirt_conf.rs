@@ -24,9 +24,9 @@ fn conf_paths() -> Vec<PathBuf> {
 /// host's libvirt has one.
 pub fn unencrypted_tcp_listener() -> Option<String> {
     let listening = |port: u16| {
-        vmcrypt_migrate::procnet::tcp_entries().iter().any(|e| {
-            e.state == vmcrypt_migrate::procnet::TCP_LISTEN && e.local.port() == port
-        })
+        vmcrypt_migrate::procnet::tcp_entries()
+            .iter()
+            .any(|e| e.state == vmcrypt_migrate::procnet::TCP_LISTEN && e.local.port() == port)
     };
     conf_paths().into_iter().find_map(|path| {
         let conf = std::fs::read_to_string(&path).ok()?;
@@ -53,12 +53,17 @@ mod tests {
     fn only_unauthenticated_tcp_counts() {
         let none = |_| false;
         assert!(check("", none).is_none());
-        assert!(check("listen_tcp = 1\n", none).is_none(), "SASL is the default");
+        assert!(
+            check("listen_tcp = 1\n", none).is_none(),
+            "SASL is the default"
+        );
         assert!(check("listen_tcp = 1\nauth_tcp = \"sasl\"\n", none).is_none());
         assert!(check("listen_tcp = 1\nauth_tcp = \"none\"\n", none).is_some());
         // Socket activation ignores listen_tcp: what listens counts.
         assert!(check("auth_tcp = \"none\"\n", |p| p == 16509).is_some());
-        assert!(check("auth_tcp = \"none\"\ntcp_port = \"16600\"\n", |p| p == 16509).is_none());
+        assert!(check("auth_tcp = \"none\"\ntcp_port = \"16600\"\n", |p| p
+            == 16509)
+        .is_none());
         assert!(check("#auth_tcp = \"none\"\nlisten_tcp = 1\n", none).is_none());
     }
 }

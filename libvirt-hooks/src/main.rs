@@ -117,8 +117,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Live-migrate a running domain to another host, encrypted when its
-    /// policy and both hosts allow (the migration coordinator).
+    /// Live-migrate a running domain to another host: the same encryption
+    /// as any `virsh migrate` between vmcrypt hosts, with the policy checked
+    /// against both hosts first and a report of how it travelled.
     Migrate(commands::migrate::MigrateArgs),
     /// Serve an encrypted image with vmcrypt-blk, its key fetched from its
     /// provider and handed over in memory. vmcrypt-blk options follow `--`.

@@ -88,7 +88,8 @@ fn dac_label(xml: &str) -> Option<String> {
 use vmcrypt_core::qemu_conf::value as conf_value;
 
 fn resolve_user(s: &str, from: &'static str) -> Result<u32, QemuUserError> {
-    vmcrypt_core::qemu_conf::resolve_user(s).ok_or_else(|| QemuUserError::NoUser(s.to_string(), from))
+    vmcrypt_core::qemu_conf::resolve_user(s)
+        .ok_or_else(|| QemuUserError::NoUser(s.to_string(), from))
 }
 
 fn resolve_group(s: &str, from: &'static str) -> Result<u32, QemuUserError> {
@@ -116,6 +117,4 @@ mod tests {
         let bad = "<domain><seclabel model='dac'><label>nonsense</label></seclabel></domain>";
         assert!(matches!(for_domain(bad), Err(QemuUserError::BadLabel(_))));
     }
-
-
 }

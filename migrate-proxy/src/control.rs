@@ -19,38 +19,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroize;
 
 /// A control request.
 #[derive(Serialize, Deserialize, Debug, Default)]
 pub struct Request {
     /// The operation.
     pub op: String,
-    /// Migration id (hex).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    /// `arm-source`: where QEMU will connect.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<String>,
-    /// `arm-source`: the destination proxy.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer: Option<String>,
-    /// `arm-dest`: the destination QEMU's incoming address.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub forward: Option<String>,
-    /// Policy name.
+    /// `expect`: the VM's policy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
-    /// Migration key (hex); wiped after use.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    /// Migration nonce (hex).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nonce: Option<String>,
-    /// `arm-source` on a unix socket: `UID:GID` of the domain's QEMU, who
-    /// gets the socket (mode 0600) and may connect besides root.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub owner: Option<String>,
     /// `expect`, `forget`, `last`: the VM's UUID.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
@@ -65,16 +42,9 @@ pub struct Request {
 impl Request {
     /// A request for `op` with no fields set.
     pub fn new(op: &str) -> Request {
-        let mut r = Request::default();
-        r.op = op.to_string();
-        r
-    }
-}
-
-impl Drop for Request {
-    fn drop(&mut self) {
-        if let Some(k) = self.key.as_mut() {
-            k.zeroize();
+        Request {
+            op: op.to_string(),
+            ..Default::default()
         }
     }
 }
@@ -177,7 +147,6 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, ControlError> {
     let mut line = serde_json::to_vec(req).map_err(|_| ControlError::Malformed)?;
     line.push(b'\n');
     (&stream).write_all(&line)?;
-    line.zeroize();
     let mut reply = String::new();
     BufReader::new(&stream).read_line(&mut reply)?;
     let resp: Response = serde_json::from_str(&reply).map_err(|_| ControlError::Malformed)?;

@@ -187,12 +187,20 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     };
     let network = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let mut intercepts = Vec::new();
-    for lo in ["127.0.0.1", "::1"] {
+    // Without the rules nothing is redirected to the intercept port.
+    let intercept_addrs: &[&str] = if opts.netfilter {
+        &["127.0.0.1", "::1"]
+    } else {
+        &[]
+    };
+    for lo in intercept_addrs {
         let a = SocketAddr::new(lo.parse()?, opts.intercept_port);
         match bind(a) {
             Ok(l) => intercepts.push(l),
             // A host without IPv6 has no ::1.
-            Err(e) if lo == "::1" => tracing::warn!("cannot listen on {a}: {e}; IPv6 migrations are not intercepted"),
+            Err(e) if *lo == "::1" => {
+                tracing::warn!("cannot listen on {a}: {e}; IPv6 migrations are not intercepted")
+            }
             Err(e) => return Err(e).with_context(|| format!("cannot listen on {a}")),
         }
     }
@@ -270,4 +278,3 @@ fn bind(a: SocketAddr) -> std::io::Result<TcpListener> {
     sock.listen(128)?;
     Ok(sock.into())
 }
-

@@ -92,7 +92,12 @@ fn run(family: Family, args: &[&str]) -> Result<String, NetfilterError> {
         .map_err(|e| err(e.to_string()))?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr);
-        return Err(err(msg.lines().next().unwrap_or("failed").trim().to_string()));
+        return Err(err(msg
+            .lines()
+            .next()
+            .unwrap_or("failed")
+            .trim()
+            .to_string()));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -165,7 +170,15 @@ impl Rules {
         run(
             family,
             &[
-                "-A", CHAIN_IN, "-p", "tcp", "--dport", &range, "-j", "REDIRECT", "--to-ports",
+                "-A",
+                CHAIN_IN,
+                "-p",
+                "tcp",
+                "--dport",
+                &range,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
                 &listen,
             ],
         )?;

@@ -102,10 +102,14 @@ pub fn tcp_entries() -> Vec<TcpEntry> {
         .collect()
 }
 
-/// The process (among those of `uid`) that has socket `inode` open.
-pub fn pid_of_socket(inode: u64, uid: u32) -> Option<u32> {
+/// The processes (among those of `uid`) that have socket `inode` open.
+pub fn pids_of_socket(inode: u64, uid: u32) -> Vec<u32> {
     let want = format!("socket:[{inode}]");
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+    let mut pids = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
@@ -120,11 +124,20 @@ pub fn pid_of_socket(inode: u64, uid: u32) -> Option<u32> {
                 .map(|l| l.as_os_str() == want.as_str())
                 .unwrap_or(false)
             {
-                return Some(pid);
+                pids.push(pid);
+                break;
             }
         }
     }
-    None
+    pids
+}
+
+/// The libvirt QEMU (of user `uid`) among the holders of socket `inode`
+/// (libvirtd may hold it too, briefly, when QEMU runs as root).
+fn qemu_holding(inode: u64, uid: u32) -> Option<QemuProcess> {
+    pids_of_socket(inode, uid)
+        .into_iter()
+        .find_map(qemu_process)
 }
 
 /// A libvirt QEMU process: which domain it runs.
@@ -200,16 +213,12 @@ pub fn qemu_process(pid: u32) -> Option<QemuProcess> {
 /// remote`, as that process sees it (before any redirection). The socket
 /// may have been made by another process (libvirtd connects and passes it
 /// to QEMU), so its own owner does not matter, only who holds it.
-pub fn qemu_of_connection(
-    local: SocketAddr,
-    remote: SocketAddr,
-    uid: u32,
-) -> Option<QemuProcess> {
+pub fn qemu_of_connection(local: SocketAddr, remote: SocketAddr, uid: u32) -> Option<QemuProcess> {
     let (local, remote) = (canonical(local), canonical(remote));
     let e = tcp_entries()
         .into_iter()
         .find(|e| e.local == local && e.remote == remote)?;
-    qemu_process(pid_of_socket(e.inode, uid)?)
+    qemu_holding(e.inode, uid)
 }
 
 /// The QEMU (of user `uid`) listening on TCP `port`, and the address it
@@ -217,11 +226,8 @@ pub fn qemu_of_connection(
 pub fn qemu_listening_on(port: u16, uid: u32) -> Option<(QemuProcess, SocketAddr)> {
     tcp_entries()
         .into_iter()
-        .filter(|e| e.state == TCP_LISTEN && e.local.port() == port && e.uid == uid)
-        .find_map(|e| {
-            let q = qemu_process(pid_of_socket(e.inode, uid)?)?;
-            Some((q, e.local))
-        })
+        .filter(|e| e.state == TCP_LISTEN && e.local.port() == port)
+        .find_map(|e| Some((qemu_holding(e.inode, uid)?, e.local)))
 }
 
 /// Where to connect to reach a listener bound to `bound`: its own address,

@@ -98,7 +98,7 @@ fn agree(
     sh: &[u8; HELLO_LEN],
 ) -> Result<(Sealer, Opener), ProxyError> {
     let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, theirs);
-    agreement::agree_ephemeral(ours.private, &peer, ProxyError::BadKeyShare, |dh| {
+    agreement::agree_ephemeral(ours.private, peer, ProxyError::BadKeyShare, |dh| {
         derive(role, psk.bytes(), nonce, dh, ch, sh).map_err(ProxyError::from)
     })
 }
@@ -320,4 +320,107 @@ pub fn server<T>(
     peer.set_read_timeout(None)
         .map_err(ProxyError::io("clearing a timeout"))?;
     Ok((value, theirs.index, session))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::MigrationId;
+    use std::os::unix::net::UnixStream;
+    use vmcrypt_core::policy::Policy;
+
+    fn spec(key: u8) -> Spec {
+        Spec {
+            id: MigrationId([1; 16]),
+            policy: Policy::Required,
+            crypto: Some((MigrationKey::from_bytes(&[key; 32]), 0)),
+        }
+    }
+
+    /// Runs client and server over a socket pair; the server uses `theirs`.
+    fn handshake(
+        ours: Spec,
+        theirs: Spec,
+    ) -> (Result<Session, ProxyError>, Result<Session, ProxyError>) {
+        let (c, s) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let s = Stream::Unix(s);
+            let mut lookup =
+                |_h: &Hello| -> Result<((), Spec), Refusal> { Ok(((), theirs.clone())) };
+            server(&s, &mut lookup).map(|(_, _, sess)| sess)
+        });
+        let c = Stream::Unix(c);
+        let binding = Binding {
+            vm: [9; 16],
+            port: 49153,
+        };
+        let cr = client(&c, &ours, binding, 0);
+        drop(c);
+        (cr, server.join().unwrap())
+    }
+
+    #[test]
+    fn same_psk_agrees_and_frames_flow() {
+        let (c, s) = handshake(spec(5), spec(5));
+        let (Session::Encrypted { mut sealer, .. }, Session::Encrypted { mut opener, .. }) =
+            (c.unwrap(), s.unwrap())
+        else {
+            panic!("not encrypted");
+        };
+        let mut buf = vec![0u8; HEADER_LEN + 3 + TAG_LEN];
+        buf[HEADER_LEN..HEADER_LEN + 3].copy_from_slice(b"abc");
+        sealer.seal(FrameType::Data, &mut buf).unwrap();
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(&buf[..HEADER_LEN]);
+        assert_eq!(opener.open(&h, &mut buf[HEADER_LEN..]).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn another_psk_is_refused_before_any_key_is_used() {
+        let (c, s) = handshake(spec(5), spec(6));
+        assert!(matches!(c, Err(ProxyError::Refused(Refusal::UnknownKey))));
+        assert!(matches!(s, Err(ProxyError::Refused(Refusal::UnknownKey))));
+    }
+
+    #[test]
+    fn every_connection_gets_fresh_keys() {
+        // Two handshakes with the same inputs: the ephemeral keys differ, so
+        // a frame of one does not open in the other (no replay across
+        // connections, forward secrecy per connection).
+        let (c1, _) = handshake(spec(5), spec(5));
+        let (_, s2) = handshake(spec(5), spec(5));
+        let (Session::Encrypted { mut sealer, .. }, Session::Encrypted { mut opener, .. }) =
+            (c1.unwrap(), s2.unwrap())
+        else {
+            panic!("not encrypted");
+        };
+        let mut buf = vec![0u8; HEADER_LEN + 1 + TAG_LEN];
+        sealer.seal(FrameType::Data, &mut buf).unwrap();
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(&buf[..HEADER_LEN]);
+        assert!(opener.open(&h, &mut buf[HEADER_LEN..]).is_err());
+    }
+
+    #[test]
+    fn an_invalid_public_key_fails() {
+        let (c, s) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let s = Stream::Unix(s);
+            let mut lookup = |_h: &Hello| -> Result<((), Spec), Refusal> { Ok(((), spec(5))) };
+            server(&s, &mut lookup).map(|_| ())
+        });
+        // A client hello with an all-zero public key (a small-order point).
+        let hello = Hello {
+            kind: Kind::Aes256Gcm,
+            refusal: None,
+            index: 0,
+            id: [1; 16],
+            vm: [0; 16],
+            key_id: MigrationKey::from_bytes(&[5; 32]).id(),
+            port: 0,
+            share: [0; 32],
+        };
+        (&c).write_all(&hello.encode()).unwrap();
+        assert!(matches!(t.join().unwrap(), Err(ProxyError::BadKeyShare)));
+    }
 }

@@ -121,11 +121,28 @@ enum Decision {
 struct OutGroup {
     decision: OnceLock<Decision>,
     next_index: AtomicU32,
+    /// The main channel (index 0) has ended: a new connection to the same
+    /// place is a new migration (libvirt reuses its lowest free port), not
+    /// another channel of this one, whose channels all open while the main
+    /// channel runs.
+    main_done: AtomicBool,
+}
+
+impl OutGroup {
+    fn new() -> Arc<OutGroup> {
+        Arc::new(OutGroup {
+            decision: OnceLock::new(),
+            next_index: AtomicU32::new(0),
+            main_done: AtomicBool::new(false),
+        })
+    }
 }
 
 struct InPlain {
     mig: Arc<Migration>,
     next_index: AtomicU32,
+    /// As [`OutGroup::main_done`].
+    main_done: AtomicBool,
 }
 
 /// Cached cluster secrets.
@@ -221,12 +238,16 @@ impl Transparent {
         let kek = vmcrypt_core::kms::cluster_secret(p.as_ref(), false)
             .map_err(|e| format!("key provider {name}: {e}"))?
             .ok_or_else(|| {
-                format!("key provider {name} has no cluster secret yet (`vmcrypt kms cluster-secret`)")
+                format!(
+                    "key provider {name} has no cluster secret yet (`vmcrypt kms cluster-secret`)"
+                )
             })?;
         let key = MigrationKey::from_bytes(&kek.0);
         let mut s = lock(&self.secrets);
-        s.entries.retain(|(n, _, t)| n != name && t.elapsed() < SECRET_TTL);
-        s.entries.push((name.to_string(), key.clone(), Instant::now()));
+        s.entries
+            .retain(|(n, _, t)| n != name && t.elapsed() < SECRET_TTL);
+        s.entries
+            .push((name.to_string(), key.clone(), Instant::now()));
         Ok(key)
     }
 
@@ -283,15 +304,14 @@ impl Transparent {
         // One QEMU at a time listens on a destination port, so the
         // connections to it are one migration; their order (main channel
         // first) is the accept order.
-        let group = lock(&self.out)
-            .entry(orig)
-            .or_insert_with(|| {
-                Arc::new(OutGroup {
-                    decision: OnceLock::new(),
-                    next_index: AtomicU32::new(0),
-                })
-            })
-            .clone();
+        let group = {
+            let mut out = lock(&self.out);
+            let g = out.entry(orig).or_insert_with(OutGroup::new);
+            if g.main_done.load(Ordering::Acquire) {
+                *g = OutGroup::new();
+            }
+            g.clone()
+        };
         let index = group.next_index.fetch_add(1, Ordering::AcqRel);
         let me = self.clone();
         spawn(&format!("out-{index}"), move || {
@@ -338,8 +358,10 @@ impl Transparent {
                 if let Err(e) = &r {
                     tracing::warn!(vm = %qemu.name, index, "connection failed: {e}");
                 }
+                group.main_done.store(true, Ordering::Release);
                 mig.finish_connection(r);
             }
+            group.main_done.store(true, Ordering::Release);
             return;
         }
         let t0 = Instant::now();
@@ -530,7 +552,7 @@ impl Transparent {
         spawn("out-watch", move || {
             if let Some(mig) = group_mig(&group) {
                 let outcome = mig.wait_outcome(GRACE);
-                me.finish_record(vm, &mig, outcome);
+                me.finish_record(vm, mig, outcome);
             }
             lock(&me.out).remove(&key);
         });
@@ -579,21 +601,29 @@ impl Transparent {
         } else if (self.cfg.ports.0..=self.cfg.ports.1).contains(&port) {
             // Order matters to QEMU (main channel first): take the index in
             // accept order, before any read.
-            let group = lock(&self.plain_in)
-                .entry(port)
-                .or_insert_with(|| {
-                    Arc::new(InPlain {
-                        mig: Arc::new(Migration::new(Spec {
-                            id: MigrationId(random16()),
-                            policy: Policy::Disabled,
-                            crypto: None,
-                        })),
-                        next_index: AtomicU32::new(0),
-                    })
+            let new = || {
+                Arc::new(InPlain {
+                    mig: Arc::new(Migration::new(Spec {
+                        id: MigrationId(random16()),
+                        policy: Policy::Disabled,
+                        crypto: None,
+                    })),
+                    next_index: AtomicU32::new(0),
+                    main_done: AtomicBool::new(false),
                 })
-                .clone();
+            };
+            let group = {
+                let mut pl = lock(&self.plain_in);
+                let g = pl.entry(port).or_insert_with(new);
+                if g.main_done.load(Ordering::Acquire) || g.mig.failed() {
+                    *g = new();
+                }
+                g.clone()
+            };
             let index = group.next_index.fetch_add(1, Ordering::AcqRel);
-            spawn("in-plain", move || me.plain_incoming(conn, port, &group, index));
+            spawn("in-plain", move || {
+                me.plain_incoming(conn, port, &group, index)
+            });
         }
     }
 
@@ -664,7 +694,10 @@ impl Transparent {
         let (index, session) = match result {
             Ok(((), index, s)) => (index, s),
             Err(ProxyError::Truncated) if named.is_none() => {
-                tracing::debug!(?peer_addr, "a connection closed before its hello (a reachability probe)");
+                tracing::debug!(
+                    ?peer_addr,
+                    "a connection closed before its hello (a reachability probe)"
+                );
                 return;
             }
             Err(e) => {
@@ -685,7 +718,13 @@ impl Transparent {
         mig.finish_connection(r);
     }
 
-    fn plain_incoming(self: &Arc<Self>, conn: TcpStream, port: u16, group: &Arc<InPlain>, index: u32) {
+    fn plain_incoming(
+        self: &Arc<Self>,
+        conn: TcpStream,
+        port: u16,
+        group: &Arc<InPlain>,
+        index: u32,
+    ) {
         let mig = &group.mig;
         if index == 0 {
             let me = self.clone();
@@ -705,7 +744,11 @@ impl Transparent {
             return;
         }
         let refuse = |why: String| {
-            tracing::warn!(?peer_addr, port, "refused a plain migration connection: {why}");
+            tracing::warn!(
+                ?peer_addr,
+                port,
+                "refused a plain migration connection: {why}"
+            );
             mig.fail(why);
         };
         let mut first = [0u8; 8];
@@ -715,7 +758,9 @@ impl Transparent {
         }
         let _ = stream.set_read_timeout(None);
         if first == MAGIC {
-            return refuse("a vmcrypt hello on a migration port (proxies connect to the daemon's port)".into());
+            return refuse(
+                "a vmcrypt hello on a migration port (proxies connect to the daemon's port)".into(),
+            );
         }
         let Some((q, bound)) = procnet::qemu_listening_on(port, self.cfg.qemu_uid) else {
             return refuse(format!("no QEMU listens on port {port}"));
@@ -771,6 +816,9 @@ impl Transparent {
         let r = forward_to_qemu(mig, stream, target, index, Session::Plain, &first);
         if let Err(e) = &r {
             tracing::warn!(index, "connection failed: {e}");
+        }
+        if index == 0 {
+            group.main_done.store(true, Ordering::Release);
         }
         mig.finish_connection(r);
     }
@@ -847,7 +895,11 @@ fn forward_to_qemu(
             .write_all(prefix)
             .map_err(ProxyError::io("writing to the destination QEMU"))?;
     }
-    tracing::info!(index, encrypted = mig.spec.encrypted(), "connection established");
+    tracing::info!(
+        index,
+        encrypted = mig.spec.encrypted(),
+        "connection established"
+    );
     relay(Role::Destination, local, peer, session)
 }
 

@@ -1,5 +1,6 @@
 //! Harness for vmcrypt's end-to-end tests: a real QEMU guest, real daemons.
 
+pub mod capture;
 pub mod frontend;
 pub mod guest;
 pub mod hosts;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 /// Size of a proxy hello.
-pub const HELLO_LEN: usize = 64;
+pub const HELLO_LEN: usize = 128;
 /// Size of a frame header: type (1) + length (4, big-endian).
 pub const FRAME_HEADER_LEN: usize = 5;
 
@@ -35,7 +35,7 @@ pub enum Fault {
     /// Forward unchanged.
     #[default]
     Pass,
-    /// XOR the byte at this offset with 0x01 (offset 64 is the first byte
+    /// XOR the byte at this offset with 0x01 (offset 128 is the first byte
     /// after the hello).
     Flip { offset: u64 },
     /// Forward this many bytes, then close both sides (FIN, then close).

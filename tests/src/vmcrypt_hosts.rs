@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
 use crate::guest::{wait_for_path, ChildGuard};
 use crate::hosts::{Host, TwoHosts};
 use crate::libvirt_domain::{TestDomain, VhostUserDisk};
-use crate::vmcrypt::bin;
+use crate::vmcrypt::{bin, file_contains};
 
 /// `vmcrypt ARGS` on `host`.
 pub fn vmcrypt(host: &Host, args: &[&str]) -> Result<Output> {
@@ -46,10 +46,32 @@ pub fn share_keystore(hosts: &TwoHosts) -> Result<PathBuf> {
     Ok(keystore)
 }
 
+/// A host's running `vmcrypt-migrate daemon`. Dropping it stops it the way
+/// `systemctl stop` does (SIGTERM: it removes its netfilter rules), and
+/// kills it if it does not exit.
+pub struct MigrateDaemon(ChildGuard);
+
+impl MigrateDaemon {
+    /// Kills it (SIGKILL) as a crash would: its netfilter rules stay.
+    pub fn crash(mut self) -> Result<()> {
+        self.0.kill()?;
+        Ok(())
+    }
+}
+
+impl Drop for MigrateDaemon {
+    fn drop(&mut self) {
+        if self.0.signal(libc::SIGTERM).is_ok() {
+            let _ = self.0.wait_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
 /// Starts the host's `vmcrypt-migrate daemon` (control socket
-/// `/run/vmcrypt/migrate.sock` in the host, port 49200 on its addresses);
-/// its log is `HOST_DIR/vmcrypt-migrate.log`.
-pub fn migrate_daemon(host: &Host) -> Result<ChildGuard> {
+/// `/run/vmcrypt/migrate.sock` in the host, port 49200 on its addresses,
+/// its netfilter rules in the host's network namespace); its log is
+/// `HOST_DIR/vmcrypt-migrate.log`.
+pub fn migrate_daemon(host: &Host) -> Result<MigrateDaemon> {
     let ctl = host.outside("/run/vmcrypt/migrate.sock");
     // A killed daemon leaves its socket behind: wait for the new one's.
     let _ = std::fs::remove_file(&ctl);
@@ -63,7 +85,10 @@ pub fn migrate_daemon(host: &Host) -> Result<ChildGuard> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    let g = ChildGuard::spawn(&format!("vmcrypt-migrate@{}", host.name), c)?;
+    let g = MigrateDaemon(ChildGuard::spawn(
+        &format!("vmcrypt-migrate@{}", host.name),
+        c,
+    )?);
     wait_for_path(&ctl, Duration::from_secs(10))?;
     Ok(g)
 }
@@ -88,4 +113,55 @@ pub fn vmcrypt_domain(name: &str, image: &Path, policy: Option<&str>) -> Result<
              <vmcrypt:disk target=\"vda\" image=\"{}\"/></vmcrypt:vm>",
             image.display()
         )))
+}
+
+/// Every file under the hosts' libvirt and vmcrypt folders (config, logs,
+/// run state): none may hold any of `needles`. Returns how many were read.
+pub fn no_secrets_on_hosts(hosts: &TwoHosts, needles: &[(&str, Vec<u8>)]) -> Result<usize> {
+    let mut files = 0;
+    for h in [hosts.a(), hosts.b()] {
+        for dir in [
+            "/etc/libvirt",
+            "/var/log/libvirt",
+            "/run/libvirt",
+            "/var/lib/libvirt",
+            "/var/log/vmcrypt",
+            "/run/vmcrypt",
+        ] {
+            let mut stack = vec![h.outside(dir)];
+            while let Some(p) = stack.pop() {
+                let Ok(md) = std::fs::symlink_metadata(&p) else {
+                    continue;
+                };
+                if md.is_dir() {
+                    if let Ok(rd) = std::fs::read_dir(&p) {
+                        stack.extend(rd.flatten().map(|e| e.path()));
+                    }
+                } else if md.is_file() {
+                    files += 1;
+                    for (what, n) in needles {
+                        ensure!(
+                            !file_contains(&p, n)?,
+                            "{what} found in {} (on {})",
+                            p.display(),
+                            h.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// The key material in an embedded keystore, as hex text (VM keys and the
+/// cluster secret).
+pub fn kek_hex(keystore: &Path) -> Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(keystore)?)?;
+    let keys = v["keys"].as_object().context("no keys in the keystore")?;
+    Ok(keys
+        .values()
+        .filter_map(|k| k["material"].as_str().map(str::to_string))
+        .filter(|m| !m.is_empty())
+        .collect())
 }

@@ -369,7 +369,7 @@ fn required_source_refused_by_plain_destination() -> Result<()> {
         let c2s = c.c2s();
         ensure!(
             c2s.len() == HELLO_LEN && &c2s[..8] == b"VMCMIGR\0" && c2s[9] == 1,
-            "connection {}: source sent {} bytes, expected only its 64-byte encrypted hello\n{}",
+            "connection {}: source sent {} bytes, expected only its 128-byte encrypted hello\n{}",
             c.index(),
             c2s.len(),
             hop.relay.describe()

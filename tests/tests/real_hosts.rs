@@ -6,7 +6,7 @@
 //!   each holding data its guest wrote: `vmcrypt encrypt DOMAIN`, they boot
 //!   as libvirt-qemu and read their old data, no file in the image folder
 //!   holds that plaintext any more, QEMU's user cannot read the new images,
-//!   one migrates encrypted (`vmcrypt migrate`); `vmcrypt decrypt DOMAIN`,
+//!   one migrates encrypted (`vmcrypt migrate`, the link captured); `vmcrypt decrypt DOMAIN`,
 //!   they boot without any vmcrypt process and read the same data;
 //! - `vmcrypt encrypt` killed (SIGKILL) at three points, then run again:
 //!   it completes and the data is intact; each refusal is one line and
@@ -18,15 +18,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use vmcrypt_tests::capture::LinkCapture;
 use vmcrypt_tests::guest::{Console, TempDir};
 use vmcrypt_tests::hosts::{Host, HostsOptions, TwoHosts};
 use vmcrypt_tests::libvirt_domain::{connect_console, qemu_uid, virt_install};
 use vmcrypt_tests::migration::retry_if_guest_crashed;
-use vmcrypt_tests::netrelay::NetRelay;
+
 use vmcrypt_tests::vmcrypt::{bin, file_contains};
 use vmcrypt_tests::vmcrypt_hosts::{migrate_daemon, share_keystore, vmcrypt, vmcrypt_ok};
 
@@ -360,18 +360,15 @@ fn virt_install_vms_once() -> Result<()> {
         t0.elapsed()
     );
 
-    // q2 migrates encrypted to vmc-b (through a capturing relay).
-    let target = std::net::SocketAddr::new(std::net::IpAddr::V4(b.addr), 49200);
-    let capture = Arc::new(a.in_netns(move || NetRelay::passthrough(target))??);
-    let peer = format!("127.0.0.1:{}", capture.addr().port());
-    let out = vmcrypt_ok(a, &["migrate", "q2", &b.uri(), "--peer", &peer])?;
+    // q2 migrates encrypted to vmc-b, every frame on the link captured.
+    let capture = LinkCapture::start(a, &[MARK_Q2.as_bytes(), MARK_BASE.as_bytes()])?;
+    let out = vmcrypt_ok(a, &["migrate", "q2", &b.uri()])?;
+    let wire = capture.stop()?;
+    wire.assert_complete()?;
     ensure!(out.contains("encrypted"), "not encrypted: {out}");
+    ensure!(wire.bytes > 4 << 20, "the capture saw no migration");
     ensure!(
-        capture.c2s_total() > 4 << 20,
-        "the capture saw no migration"
-    );
-    ensure!(
-        !capture.contains(MARK_Q2.as_bytes()) && !capture.contains(MARK_BASE.as_bytes()),
+        !wire.found(0) && !wire.found(1),
         "guest data crossed in plaintext"
     );
     drop(con2);

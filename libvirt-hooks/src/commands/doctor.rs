@@ -284,10 +284,34 @@ fn check_migrate_daemon(peers: &[String]) -> Vec<Check> {
     let mut out = Vec::new();
     let ctl = paths::migrate_control();
     match control::call(&ctl, &Request::new("ping")) {
-        Ok(_) => out.push(ok(
-            "migrate-daemon",
-            format!("vmcrypt-migrate answers on {}", ctl.display()),
-        )),
+        Ok(r) => {
+            out.push(ok(
+                "migrate-daemon",
+                format!("vmcrypt-migrate answers on {}", ctl.display()),
+            ));
+            if r.intercept == Some(true) {
+                out.push(ok(
+                    "migrate-intercept",
+                    format!(
+                        "QEMU's migration connections go through vmcrypt-migrate (netfilter chains {} and {}{})",
+                        vmcrypt_migrate::netfilter::CHAIN_OUT,
+                        vmcrypt_migrate::netfilter::CHAIN_IN,
+                        if r.intercept6 == Some(true) { ", IPv4 and IPv6" } else { ", IPv4" }
+                    ),
+                ));
+            } else {
+                out.push(bad(
+                    Status::Fail,
+                    "migrate-intercept",
+                    format!(
+                        "the netfilter rules that send migrations through vmcrypt-migrate are missing or changed (chains {} and {}): plain `virsh migrate` of encrypted VMs fails, others go unencrypted",
+                        vmcrypt_migrate::netfilter::CHAIN_OUT,
+                        vmcrypt_migrate::netfilter::CHAIN_IN
+                    ),
+                    "systemctl restart vmcrypt-migrate (it installs them at start)",
+                ));
+            }
+        }
         Err(e) => out.push(bad(
             Status::Fail,
             "migrate-daemon",
@@ -345,8 +369,20 @@ fn check_providers() -> Vec<Check> {
     }
     names
         .into_iter()
-        .map(|name| match p.open(&name).map_err(|e| e.to_string()).and_then(|k| k.check().map_err(|e| e.to_string())) {
-            Ok(()) => ok("key-provider", format!("{name} answers")),
+        .map(|name| match p.open(&name).map_err(|e| e.to_string()).and_then(|k| k.check().map_err(|e| e.to_string()).map(|()| k)) {
+            Ok(k) => match vmcrypt_core::kms::cluster_secret(k.as_ref(), false) {
+                Ok(Some(s)) => ok(
+                    "key-provider",
+                    format!(
+                        "{name} answers; cluster secret {} (hosts showing the same id migrate encrypted to each other)",
+                        hex::encode(vmcrypt_core::kms::cluster_id(&s.0))
+                    ),
+                ),
+                _ => ok(
+                    "key-provider",
+                    format!("{name} answers; no cluster secret yet (the first migration to a host makes it; or `vmcrypt kms cluster-secret {name}`)"),
+                ),
+            },
             Err(e) => bad(
                 Status::Fail,
                 "key-provider",

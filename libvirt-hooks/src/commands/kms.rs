@@ -1,4 +1,5 @@
-//! `vmcrypt kms add|list|check|remove|rename`: the key providers.
+//! `vmcrypt kms add|list|check|remove|rename|cluster-secret`: the key
+//! providers.
 
 use std::path::PathBuf;
 
@@ -57,6 +58,18 @@ pub enum KmsCommand {
     Remove {
         /// Provider name.
         name: String,
+    },
+    /// Show (making it if there is none) the provider's cluster secret:
+    /// the pre-shared key with which the migration daemons of hosts that
+    /// share this provider authenticate each other. The destination's hook
+    /// makes it at the first migration; this makes it ahead of time. Never
+    /// prints the secret, only its public id.
+    ClusterSecret {
+        /// Provider name (default: the default provider).
+        name: Option<String>,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Rename a provider; refused while images use its keys.
     Rename {
@@ -145,6 +158,26 @@ pub fn run(cmd: KmsCommand) -> anyhow::Result<()> {
             result?;
             if !json {
                 println!("{name}: ok");
+            }
+            Ok(())
+        }
+        KmsCommand::ClusterSecret { name, json } => {
+            let p = Providers::load()?;
+            let name = name.unwrap_or_else(|| p.default_name().to_string());
+            let provider = p.open(&name)?;
+            let secret = vmcrypt_core::kms::cluster_secret(provider.as_ref(), true)
+                .with_context(|| format!("key provider {name}"))?
+                .with_context(|| format!("key provider {name} made no cluster secret"))?;
+            let id = hex::encode(vmcrypt_core::kms::cluster_id(&secret.0));
+            if json {
+                output::json(
+                    "cluster-secret",
+                    &serde_json::json!({"provider": name, "id": id}),
+                )?;
+            } else {
+                println!(
+                    "{name}: cluster secret {id} (its public id; hosts that show the same id migrate encrypted to each other)"
+                );
             }
             Ok(())
         }

@@ -159,7 +159,8 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
         parallel_connections: a.parallel.map(i32::from),
         ..Default::default()
     };
-    let progress = (!a.json && std::io::stderr().is_terminal()).then(|| Progress::start(&dom, &a.connect));
+    let progress =
+        (!a.json && std::io::stderr().is_terminal()).then(|| Progress::start(&dom, &a.connect));
     let result = migrate(&dom, a, params, flags);
     drop(progress);
     let record = last_record(&uuid);
@@ -375,7 +376,6 @@ fn bracket(host: &str) -> String {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,5 +398,4 @@ mod tests {
         assert!(uri_host("host-b").is_err());
         assert_eq!(bracket("fd00::2"), "[fd00::2]");
     }
-
 }
