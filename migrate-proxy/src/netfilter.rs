@@ -143,6 +143,16 @@ impl Rules {
         for chain in [CHAIN_OUT, CHAIN_IN] {
             run(family, &["-N", chain])?;
         }
+        // The daemons' own port lies in libvirt's default range, and is never
+        // a migration port (the daemon holds it, so libvirt's port allocator
+        // skips it): connections to it (the other host's daemon, `vmcrypt
+        // doctor --peer`, `vmcrypt migrate`'s check) go out as they are.
+        run(
+            family,
+            &[
+                "-A", CHAIN_OUT, "-p", "tcp", "--dport", &listen, "-j", "RETURN",
+            ],
+        )?;
         for uid in self.owners() {
             run(
                 family,
