@@ -436,15 +436,41 @@ fn once() -> Result<()> {
     let script = repo_root().join("tests/scripts/nova_live_migrate.py");
     // Debian's python3 (python3-libvirt), whatever else is first in PATH.
     let mut nova = a.command("/usr/bin/python3");
-    nova.arg(&script)
-        .args(["enc", &b.uri(), "--inbound-addr", &b.addr.to_string()]);
-    encrypted(
-        "encrypted VM, Nova's libvirt calls",
-        captured(a, &enc, &mut nova)?,
-        a,
-        b,
-        &enc,
-    )?;
+    nova.arg(&script).args([
+        "enc",
+        &b.uri(),
+        "--inbound-addr",
+        &b.addr.to_string(),
+        "--json",
+    ]);
+    let m = captured(a, &enc, &mut nova)?;
+    let called = m.result.as_ref().map(|s| s.clone()).unwrap_or_default();
+    encrypted("encrypted VM, Nova's libvirt calls", m, a, b, &enc)?;
+    let v: serde_json::Value = serde_json::from_str(called.trim())
+        .with_context(|| format!("the Nova script's report: {called:?}"))?;
+    for f in ["LIVE", "PEER2PEER", "PERSIST_DEST", "UNDEFINE_SOURCE"] {
+        ensure!(
+            v["flags"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == f)),
+            "Nova's call lacked {f}: {v}"
+        );
+    }
+    ensure!(
+        v["params"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "migrate_uri")),
+        "Nova's call had no migrate_uri: {v}"
+    );
+    // Nova made the domain persistent on vmc-b and undefined it on vmc-a.
+    ensure!(
+        b.virsh(["dominfo", "enc"])?.contains("Persistent:     yes"),
+        "not persistent on vmc-b"
+    );
+    ensure!(
+        a.virsh(["dominfo", "enc"]).is_err(),
+        "still defined on vmc-a"
+    );
     enc.has_marker(b)?;
 
     // Debug-level libvirt logs on both hosts, and every other file: no key.
