@@ -29,6 +29,7 @@ use qmp::Qmp;
 mod qmp;
 mod report;
 mod tls;
+mod transparent;
 
 /// Options of `vmcrypt-bench migrate`.
 #[derive(clap::Args, Debug)]
@@ -106,10 +107,21 @@ pub enum Mode {
     Relay,
     /// QEMU to QEMU with `tls-creds-x509` on both sides.
     Tls,
+    /// QEMU migrates to the other host's address as libvirt makes it; the
+    /// two hosts' `vmcrypt-migrate daemon`s intercept the connection and
+    /// carry it encrypted (the path of every libvirt migration between
+    /// vmcrypt hosts; two network namespaces play the hosts).
+    Transparent,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [Mode::Direct, Mode::Encrypted, Mode::Relay, Mode::Tls];
+    const ALL: [Mode; 5] = [
+        Mode::Direct,
+        Mode::Encrypted,
+        Mode::Relay,
+        Mode::Tls,
+        Mode::Transparent,
+    ];
 
     /// Name for tables.
     pub fn label(self) -> &'static str {
@@ -118,6 +130,7 @@ impl Mode {
             Mode::Encrypted => "vmcrypt encrypted",
             Mode::Relay => "vmcrypt disabled",
             Mode::Tls => "QEMU native TLS",
+            Mode::Transparent => "vmcrypt transparent",
         }
     }
 
@@ -128,6 +141,7 @@ impl Mode {
             Mode::Encrypted => "encrypted",
             Mode::Relay => "relay",
             Mode::Tls => "tls",
+            Mode::Transparent => "transparent",
         }
     }
 
@@ -197,6 +211,8 @@ pub struct Setup {
 
 struct Ctx<'a> {
     args: &'a MigrateArgs,
+    /// The two namespaced hosts of the transparent mode, when it runs.
+    hosts: Option<transparent::Hosts>,
     scratch: PathBuf,
     src_ram: PathBuf,
     proxy: Option<PathBuf>,
@@ -264,8 +280,24 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = &args.perf_dir {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
+    let hosts = if modes.contains(&Mode::Transparent) {
+        let bins = proc::release_binaries(
+            args.bin_dir.as_deref(),
+            &[
+                ("vmcrypt-migrate", "vmcrypt-migrate"),
+                ("vmcrypt-cli", "vmcrypt"),
+            ],
+        )?;
+        Some(
+            transparent::Hosts::up(&scratch.path, &bins[0], &bins[1], (src_cpu, dst_cpu))
+                .context("setting up the two hosts of the transparent mode")?,
+        )
+    } else {
+        None
+    };
     let ctx = Ctx {
         args: &args,
+        hosts,
         scratch: scratch.path.clone(),
         src_ram,
         proxy,
@@ -313,6 +345,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         loadavg_after: crate::machine::read_trim("/proc/loadavg"),
         ..setup
     };
+    drop(ctx);
     drop(scratch);
     let rep = report::Report::new(setup, &modes, samples);
     if let Some(path) = &args.save_json {
@@ -425,6 +458,16 @@ fn qemu_command(ctx: &Ctx<'_>, side: Side, ram: &Path, qmp: &Path, tls: bool) ->
         ));
     }
     cmd
+}
+
+/// `cmd` as libvirt would run it for the transparent mode's VM, inside the
+/// network namespace `ns`.
+fn as_libvirt_qemu(cmd: &Command, ns: &str) -> Command {
+    let mut c = transparent::in_ns(ns, Path::new(cmd.get_program()));
+    c.args(cmd.get_args())
+        .args(["-uuid", transparent::UUID, "-name"])
+        .arg(format!("guest={},debug-threads=on", transparent::NAME));
+    c
 }
 
 /// CPU seconds of a process, from /proc/PID/stat (a zombie's still counts).
@@ -700,7 +743,12 @@ fn migrate_once(ctx: &Ctx<'_>, mode: Mode, run: u32) -> anyhow::Result<Sample> {
         }
     };
     // QEMU's own URIs: where the destination listens, where the source goes.
+    let transparent = mode == Mode::Transparent;
     let (incoming_uri, migrate_uri) = match (unix, mode.proxied()) {
+        _ if transparent => (
+            format!("tcp:0.0.0.0:{}", transparent::PORT),
+            format!("tcp:{}:{}", transparent::DST_ADDR, transparent::PORT),
+        ),
         (true, _) => (
             format!("unix:{}", dst_sock.display()),
             format!("unix:{}", src_sock.display()),
@@ -720,15 +768,30 @@ fn migrate_once(ctx: &Ctx<'_>, mode: Mode, run: u32) -> anyhow::Result<Sample> {
         dir.join(format!("{tag}-src.qmp")),
     );
     let _qmp_files = (RemoveOnDrop(dq_path.clone()), RemoveOnDrop(sq_path.clone()));
+    let (mut dst_cmd, mut src_cmd) = (
+        qemu_command(ctx, Side::Destination, &dst_ram.0, &dq_path, tls),
+        qemu_command(ctx, Side::Source, &ctx.src_ram, &sq_path, tls),
+    );
+    let hosts = match (transparent, &ctx.hosts) {
+        (true, Some(h)) => {
+            // As libvirt runs it: the domain's UUID and name on the command
+            // line, each QEMU on its own host.
+            dst_cmd = as_libvirt_qemu(&dst_cmd, &h.dst_ns);
+            src_cmd = as_libvirt_qemu(&src_cmd, &h.src_ns);
+            Some(h)
+        }
+        (true, None) => bail!("internal: the transparent mode's hosts are not up"),
+        _ => None,
+    };
     let mut dst = Guarded::spawn(
         "destination QEMU",
-        qemu_command(ctx, Side::Destination, &dst_ram.0, &dq_path, tls),
+        dst_cmd,
         &dir.join(format!("{tag}-dst-qemu.log")),
         ctx.dst_cpu,
     )?;
     let mut src = Guarded::spawn(
         "source QEMU",
-        qemu_command(ctx, Side::Source, &ctx.src_ram, &sq_path, tls),
+        src_cmd,
         &dir.join(format!("{tag}-src-qemu.log")),
         ctx.src_cpu,
     )?;
@@ -768,12 +831,23 @@ fn migrate_once(ctx: &Ctx<'_>, mode: Mode, run: u32) -> anyhow::Result<Sample> {
         proc::sleep(Duration::from_millis(300))?;
     }
 
+    if let Some(h) = hosts {
+        h.announce()?;
+    }
+    let proxy_cpu = |p: &Option<Guarded>, daemon: Option<&Guarded>| -> anyhow::Result<f64> {
+        match (p, daemon) {
+            (Some(p), _) => cpu_of(p),
+            (None, Some(d)) => cpu_of(d),
+            (None, None) => Ok(0.0),
+        }
+    };
+    let (src_d, dst_d) = (hosts.map(|h| &h.src_daemon), hosts.map(|h| &h.dst_daemon));
     // Measured window: from here to the destination's completed event.
     let cpu_before = [
         cpu_of(&src)?,
         cpu_of(&dst)?,
-        sproxy.as_ref().map(cpu_of).transpose()?.unwrap_or(0.0),
-        dproxy.as_ref().map(cpu_of).transpose()?.unwrap_or(0.0),
+        proxy_cpu(&sproxy, src_d)?,
+        proxy_cpu(&dproxy, dst_d)?,
     ];
     let machine_before = machine_times();
     let load1_before = load1();
@@ -815,8 +889,8 @@ fn migrate_once(ctx: &Ctx<'_>, mode: Mode, run: u32) -> anyhow::Result<Sample> {
     let cpu_after = [
         cpu_of(&src)?,
         cpu_of(&dst)?,
-        sproxy.as_ref().map(cpu_of).transpose()?.unwrap_or(0.0),
-        dproxy.as_ref().map(cpu_of).transpose()?.unwrap_or(0.0),
+        proxy_cpu(&sproxy, src_d)?,
+        proxy_cpu(&dproxy, dst_d)?,
     ];
     let machine_after = machine_times();
     let cpu: Vec<f64> = cpu_after
@@ -891,6 +965,15 @@ fn migrate_once(ctx: &Ctx<'_>, mode: Mode, run: u32) -> anyhow::Result<Sample> {
         }
         p.stop(Duration::from_secs(1));
     }
+    if let Some(h) = hosts {
+        // It must have gone through the daemons, encrypted, and completed.
+        let r = h.outcome()?;
+        if r["mode"] != "encrypted" || r["state"] != "completed" {
+            bail!(
+                "the source daemon reports the migration as {r}: not an encrypted, completed one"
+            );
+        }
+    }
     for p in &mut perfs {
         let end = Instant::now() + Duration::from_secs(60);
         while peek_exit(p.pid()).is_none() && Instant::now() < end {
@@ -922,8 +1005,8 @@ fn migrate_once(ctx: &Ctx<'_>, mode: Mode, run: u32) -> anyhow::Result<Sample> {
         qemu_total_s: total_ms / 1000.0,
         cpu_src_qemu: cpu[0],
         cpu_dst_qemu: cpu[1],
-        cpu_src_proxy: mode.proxied().then_some(cpu[2]),
-        cpu_dst_proxy: mode.proxied().then_some(cpu[3]),
+        cpu_src_proxy: (mode.proxied() || transparent).then_some(cpu[2]),
+        cpu_dst_proxy: (mode.proxied() || transparent).then_some(cpu[3]),
         machine_busy: if total > 0.0 { busy / total } else { 0.0 },
         machine_steal: if total > 0.0 { steal / total } else { 0.0 },
         load1_before,

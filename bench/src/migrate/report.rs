@@ -116,6 +116,19 @@ impl Report {
                 });
             }
         }
+        // The transparent path (every libvirt migration) within 10 % of the
+        // proxies armed by hand (what `vmcrypt migrate` used before it).
+        if let (Some(a), Some(b)) = (self.row(Mode::Transparent), self.row(Mode::Encrypted)) {
+            let v = a.median_mbps / b.median_mbps;
+            t.push(Target {
+                what: format!("MB/s transparent / {}", Mode::Encrypted.label()),
+                value: Some(v),
+                rule: ">=".into(),
+                limit: 0.9,
+                per_run: self.per_run_ratio(Mode::Transparent, Mode::Encrypted),
+                met: v >= 0.9,
+            });
+        }
         if let Some(a) = self.row(Mode::Encrypted) {
             for (side, v, per) in [
                 (

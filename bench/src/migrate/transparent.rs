@@ -1,0 +1,234 @@
+//! The `transparent` mode: the path every libvirt migration between two
+//! vmcrypt hosts takes (docs/migration.md). Two network namespaces joined
+//! by a veth pair play the two hosts; each runs `vmcrypt-migrate daemon`,
+//! which installs its netfilter rules there. The source QEMU migrates
+//! straight to the destination's address and port, as libvirt makes it;
+//! the rules send the connection through both daemons, which agree on the
+//! keys with the cluster secret of a keystore they share.
+//!
+//! What libvirt would provide is provided by hand: a qemu.conf naming root
+//! as QEMU's user (the QEMUs here run as root), the domain's live XML with
+//! its policy (`required`), and the destination hook's announcement of the
+//! VM over the daemon's control socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::proc::{self, Guarded};
+
+/// The VM's UUID and name on both QEMU command lines.
+pub const UUID: &str = "6f1c2a3e-0b7d-4c55-9a11-3d2e8f4b7c60";
+/// The VM's name.
+pub const NAME: &str = "bench-vm";
+/// The destination QEMU's incoming port, in libvirt's default range.
+pub const PORT: u16 = 49160;
+/// The destination's address on the link.
+pub const DST_ADDR: &str = "10.89.0.2";
+const SRC_ADDR: &str = "10.89.0.1";
+
+/// The two hosts and their daemons; torn down on drop.
+pub struct Hosts {
+    pub src_ns: String,
+    pub dst_ns: String,
+    src_ctl: PathBuf,
+    dst_ctl: PathBuf,
+    pub src_daemon: Guarded,
+    pub dst_daemon: Guarded,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `cmd` run inside network namespace `ns` (nsenter execs it: same pid).
+pub fn in_ns(ns: &str, program: &Path) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(program);
+    c
+}
+
+impl Hosts {
+    /// Makes the namespaces, the daemons' files and the cluster secret,
+    /// and starts both daemons (each pinned like its side's QEMU).
+    pub fn up(
+        scratch: &Path,
+        migrate_bin: &Path,
+        vmcrypt_bin: &Path,
+        cpus: (Option<usize>, Option<usize>),
+    ) -> anyhow::Result<Hosts> {
+        let pid = std::process::id();
+        let (src_ns, dst_ns) = (format!("vmcb-src-{pid}"), format!("vmcb-dst-{pid}"));
+        let (src_if, dst_if) = (format!("vcbs{pid}"), format!("vcbd{pid}"));
+        let guard = NsGuard(vec![src_ns.clone(), dst_ns.clone()]);
+        for ns in [&src_ns, &dst_ns] {
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        ip(&[
+            "link", "add", &src_if, "netns", &src_ns, "type", "veth", "peer", "name", &dst_if,
+            "netns", &dst_ns,
+        ])?;
+        // MTU 65535: the other proxied modes cross loopback (MTU 65536)
+        // between their proxies, so the link costs the same in every mode
+        // and the comparison is about the paths, not the links.
+        for (ns, dev, addr) in [(&src_ns, &src_if, SRC_ADDR), (&dst_ns, &dst_if, DST_ADDR)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "mtu", "65535", "up"])?;
+        }
+
+        let dir = scratch.join("transparent");
+        let (etc, state, run_libvirt) = (dir.join("etc"), dir.join("state"), dir.join("libvirt"));
+        for d in [&etc, &state, &run_libvirt] {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let qemu_conf = dir.join("qemu.conf");
+        std::fs::write(&qemu_conf, "user = \"+0\"\ngroup = \"+0\"\n")?;
+        std::fs::write(
+            run_libvirt.join(format!("{NAME}.xml")),
+            format!(
+                "<domstatus><domain type='qemu'><name>{NAME}</name><uuid>{UUID}</uuid><metadata>\
+                 <vmcrypt:vm xmlns:vmcrypt=\"urn:vmcrypt:domain:1\" policy=\"required\"/>\
+                 </metadata></domain></domstatus>\n"
+            ),
+        )?;
+        let env = |c: &mut Command| {
+            c.env("VMCRYPT_CONFIG_DIR", &etc)
+                .env("VMCRYPT_STATE_DIR", &state)
+                .env("VMCRYPT_QEMU_CONF", &qemu_conf)
+                .env("VMCRYPT_LIBVIRT_RUN_DIR", &run_libvirt)
+                .env("VMCRYPT_LOG", "info");
+        };
+        // The hosts' shared key provider gets its cluster secret (the
+        // destination hook's job on a real host).
+        let mut c = Command::new(vmcrypt_bin);
+        c.args(["kms", "cluster-secret"]);
+        env(&mut c);
+        let out = c
+            .output()
+            .context("cannot run vmcrypt kms cluster-secret")?;
+        if !out.status.success() {
+            bail!(
+                "vmcrypt kms cluster-secret: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+
+        let daemon = |ns: &str, side: &str, cpu| -> anyhow::Result<(Guarded, PathBuf)> {
+            let ctl = dir.join(format!("{side}.sock"));
+            let mut c = in_ns(ns, migrate_bin);
+            c.args(["daemon", "--control"]).arg(&ctl);
+            env(&mut c);
+            let g = Guarded::spawn(
+                &format!("{side} vmcrypt-migrate daemon"),
+                c,
+                &dir.join(format!("{side}-daemon.log")),
+                cpu,
+            )?;
+            Ok((g, ctl))
+        };
+        let (mut dst_daemon, dst_ctl) = daemon(&dst_ns, "dst", cpus.1)?;
+        let (mut src_daemon, src_ctl) = daemon(&src_ns, "src", cpus.0)?;
+        for (ctl, d) in [(&src_ctl, &mut src_daemon), (&dst_ctl, &mut dst_daemon)] {
+            let end = Instant::now() + Duration::from_secs(20);
+            loop {
+                d.check_alive()?;
+                if let Ok(r) = call(ctl, r#"{"op":"ping"}"#) {
+                    if r["intercept"] != true {
+                        bail!("{} does not intercept: {r}", d.name);
+                    }
+                    break;
+                }
+                if Instant::now() >= end {
+                    bail!("{} does not answer on {}", d.name, ctl.display());
+                }
+                proc::sleep(Duration::from_millis(20))?;
+            }
+        }
+        std::mem::forget(guard);
+        Ok(Hosts {
+            src_ns,
+            dst_ns,
+            src_ctl,
+            dst_ctl,
+            src_daemon,
+            dst_daemon,
+        })
+    }
+
+    /// What the destination hook does before each incoming migration.
+    pub fn announce(&self) -> anyhow::Result<()> {
+        call(
+            &self.dst_ctl,
+            &format!(
+                r#"{{"op":"expect","vm":"{UUID}","name":"{NAME}","policy":"required","encrypted":false}}"#
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// The source daemon's record of the VM's last migration, once over.
+    pub fn outcome(&self) -> anyhow::Result<Value> {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = call(&self.src_ctl, &format!(r#"{{"op":"last","vm":"{UUID}"}}"#))?;
+            if r["state"] != "running" || Instant::now() >= end {
+                return Ok(r);
+            }
+            proc::sleep(Duration::from_millis(50))?;
+        }
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // SIGTERM: the daemons remove their rules; then the namespaces go.
+        self.src_daemon.stop(Duration::from_secs(5));
+        self.dst_daemon.stop(Duration::from_secs(5));
+        drop(NsGuard(vec![self.src_ns.clone(), self.dst_ns.clone()]));
+    }
+}
+
+/// Deletes network namespaces (and with them the veth pair) on drop.
+struct NsGuard(Vec<String>);
+
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = ip(&["netns", "delete", ns]);
+        }
+    }
+}
+
+/// One JSON request on a daemon's control socket; its successful answer.
+fn call(ctl: &Path, line: &str) -> anyhow::Result<Value> {
+    let s = UnixStream::connect(ctl)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    (&s).write_all(format!("{line}\n").as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply)?;
+    let v: Value = serde_json::from_str(&reply).context("a malformed control answer")?;
+    if v["ok"] != true {
+        bail!("vmcrypt-migrate refused {line}: {}", v["error"]);
+    }
+    Ok(v)
+}
