@@ -7,7 +7,7 @@
 //! | `ping` | | `{"ok":true,"version":2,"encrypt":true,"intercept":true,"intercept6":…}` |
 //! | `expect` | `vm` (UUID), `name`, `policy`, `encrypted` | `{"ok":true}`: the hook announces an incoming VM |
 //! | `forget` | `vm` | `{"ok":true}` |
-//! | `last` | `vm` | `{"ok":true,"direction":"out"\|"in","mode":"encrypted"\|"plain","state":"running"\|"completed"\|"failed","bytes":…,"connections":…,"error":…}` |
+//! | `last` | `vm` | `{"ok":true,"seq":N,"direction":"out"\|"in","mode":"encrypted"\|"plain","state":"running"\|"completed"\|"failed","bytes":…,"connections":…,"error":…}` |
 //!
 //! Errors: `{"ok":false,"error":"one line"}`. No key ever crosses this
 //! socket: the daemons agree on each migration's keys between themselves.
@@ -93,6 +93,9 @@ pub struct Response {
     /// `last`: connections of the migration.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<u32>,
+    /// `last`: which migration through the daemon (counts up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 impl Response {

@@ -8,7 +8,6 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +77,7 @@ impl Daemon {
                         bytes: Some(r.bytes),
                         error: r.reason,
                         connections: Some(r.connections),
+                        seq: Some(r.seq),
                         ..Default::default()
                     }),
                 }
@@ -223,19 +223,18 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         None
     };
     let transparent = Transparent::new(cfg);
-    let stop = Arc::new(AtomicBool::new(false));
     {
-        let (t, st) = (transparent.clone(), stop.clone());
+        let t = transparent.clone();
         std::thread::Builder::new()
             .name("incoming".into())
-            .spawn(move || t.serve_network(network, st))
+            .spawn(move || t.serve_network(network))
             .context("cannot start a thread")?;
     }
     for l in intercepts {
-        let (t, st) = (transparent.clone(), stop.clone());
+        let t = transparent.clone();
         std::thread::Builder::new()
             .name("intercept".into())
-            .spawn(move || t.serve_intercept(l, st))
+            .spawn(move || t.serve_intercept(l))
             .context("cannot start a thread")?;
     }
     {

@@ -98,6 +98,9 @@ impl Expectation {
 /// and `vmcrypt doctor`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Record {
+    /// Which migration through this daemon (counts up from 1), so a caller
+    /// can tell a new record from the one before its migration.
+    pub seq: u64,
     /// `out` (this host was the source) or `in`.
     pub direction: &'static str,
     /// `encrypted` or `plain`.
@@ -159,6 +162,7 @@ pub struct Transparent {
     incoming: Mutex<HashMap<MigrationId, Arc<Migration>>>,
     plain_in: Mutex<HashMap<u16, Arc<InPlain>>>,
     records: Mutex<HashMap<[u8; 16], Record>>,
+    seq: std::sync::atomic::AtomicU64,
     secrets: Mutex<Secrets>,
 }
 
@@ -182,6 +186,7 @@ impl Transparent {
             incoming: Mutex::default(),
             plain_in: Mutex::default(),
             records: Mutex::default(),
+            seq: std::sync::atomic::AtomicU64::new(0),
             secrets: Mutex::default(),
         })
     }
@@ -217,7 +222,8 @@ impl Transparent {
     }
 
     fn set_record(&self, vm: [u8; 16], r: Record) {
-        lock(&self.records).insert(vm, r);
+        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+        lock(&self.records).insert(vm, Record { seq, ..r });
     }
 
     // ---- cluster secrets ----
@@ -282,9 +288,9 @@ impl Transparent {
 
     // ---- source ----
 
-    /// Serves the loopback intercept listener until `stop`.
-    pub fn serve_intercept(self: &Arc<Self>, listener: TcpListener, stop: Arc<AtomicBool>) {
-        accept_loop(listener, stop, "intercepted", {
+    /// Serves the loopback intercept listener.
+    pub fn serve_intercept(self: &Arc<Self>, listener: TcpListener) {
+        accept_loop(listener, "intercepted", {
             let me = self.clone();
             move |conn| me.intercepted(conn)
         });
@@ -522,6 +528,7 @@ impl Transparent {
         self.set_record(
             qemu.uuid,
             Record {
+                seq: 0,
                 direction: "out",
                 mode,
                 state: "running",
@@ -536,6 +543,7 @@ impl Transparent {
         self.set_record(
             qemu.uuid,
             Record {
+                seq: 0,
                 direction: "out",
                 mode,
                 state: "failed",
@@ -583,9 +591,9 @@ impl Transparent {
     // ---- destination ----
 
     /// Serves the network listener (source daemons, and connections
-    /// redirected from the migration ports) until `stop`.
-    pub fn serve_network(self: &Arc<Self>, listener: TcpListener, stop: Arc<AtomicBool>) {
-        accept_loop(listener, stop, "incoming", {
+    /// redirected from the migration ports).
+    pub fn serve_network(self: &Arc<Self>, listener: TcpListener) {
+        accept_loop(listener, "incoming", {
             let me = self.clone();
             move |conn| me.incoming(conn)
         });
@@ -668,6 +676,7 @@ impl Transparent {
                     self.set_record(
                         h.vm,
                         Record {
+                            seq: 0,
                             direction: "in",
                             mode: "encrypted",
                             state: "running",
@@ -781,6 +790,7 @@ impl Transparent {
             self.set_record(
                 q.uuid,
                 Record {
+                    seq: 0,
                     direction: "in",
                     mode: "plain",
                     state: "failed",
@@ -796,6 +806,7 @@ impl Transparent {
             self.set_record(
                 q.uuid,
                 Record {
+                    seq: 0,
                     direction: "in",
                     mode: "plain",
                     state: "running",
@@ -903,27 +914,15 @@ fn forward_to_qemu(
     relay(Role::Destination, local, peer, session)
 }
 
-fn accept_loop(
-    listener: TcpListener,
-    stop: Arc<AtomicBool>,
-    what: &'static str,
-    handle: impl Fn(TcpStream),
-) {
-    if let Err(e) = listener.set_nonblocking(true) {
-        tracing::error!("{what} listener: {e}");
-        return;
-    }
-    while !stop.load(Ordering::Acquire) {
+/// Accepts forever (the daemon ends by exiting on SIGTERM); each
+/// connection is handed to `handle` at once, which spawns its thread.
+fn accept_loop(listener: TcpListener, what: &'static str, handle: impl Fn(TcpStream)) {
+    loop {
         match listener.accept() {
-            Ok((c, _)) => {
-                if c.set_nonblocking(false).is_ok() {
-                    handle(c);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            Ok((c, _)) => handle(c),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
+                // Out of descriptors or memory: do not spin.
                 tracing::warn!("{what} accept failed: {e}");
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -10,6 +10,11 @@
 //! as QEMU's user (the QEMUs here run as root), the domain's live XML with
 //! its policy (`required`), and the destination hook's announcement of the
 //! VM over the daemon's control socket.
+//!
+//! Each migration gets a UUID of its own. The daemons stay up across runs
+//! and keep the record of each VM's last migration; with one UUID for all
+//! runs, a migration that bypassed them (plain, QEMU to QEMU) would find
+//! the previous run's `encrypted, completed` record and pass the check.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -22,9 +27,7 @@ use serde_json::Value;
 
 use crate::proc::{self, Guarded};
 
-/// The VM's UUID and name on both QEMU command lines.
-pub const UUID: &str = "6f1c2a3e-0b7d-4c55-9a11-3d2e8f4b7c60";
-/// The VM's name.
+/// The VM's name on both QEMU command lines.
 pub const NAME: &str = "bench-vm";
 /// The destination QEMU's incoming port, in libvirt's default range.
 pub const PORT: u16 = 49160;
@@ -32,10 +35,17 @@ pub const PORT: u16 = 49160;
 pub const DST_ADDR: &str = "10.89.0.2";
 const SRC_ADDR: &str = "10.89.0.1";
 
+/// The VM's UUID for the migration of run `run` (see the module comment).
+pub fn uuid(run: u32) -> String {
+    format!("6f1c2a3e-0b7d-4c55-9a11-{run:012x}")
+}
+
 /// The two hosts and their daemons; torn down on drop.
 pub struct Hosts {
     pub src_ns: String,
     pub dst_ns: String,
+    /// libvirt's run directory of both hosts (the live XML of the VM).
+    run_libvirt: PathBuf,
     src_ctl: PathBuf,
     dst_ctl: PathBuf,
     pub src_daemon: Guarded,
@@ -103,14 +113,6 @@ impl Hosts {
         std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let qemu_conf = dir.join("qemu.conf");
         std::fs::write(&qemu_conf, "user = \"+0\"\ngroup = \"+0\"\n")?;
-        std::fs::write(
-            run_libvirt.join(format!("{NAME}.xml")),
-            format!(
-                "<domstatus><domain type='qemu'><name>{NAME}</name><uuid>{UUID}</uuid><metadata>\
-                 <vmcrypt:vm xmlns:vmcrypt=\"urn:vmcrypt:domain:1\" policy=\"required\"/>\
-                 </metadata></domain></domstatus>\n"
-            ),
-        )?;
         let env = |c: &mut Command| {
             c.env("VMCRYPT_CONFIG_DIR", &etc)
                 .env("VMCRYPT_STATE_DIR", &state)
@@ -168,6 +170,7 @@ impl Hosts {
         Ok(Hosts {
             src_ns,
             dst_ns,
+            run_libvirt,
             src_ctl,
             dst_ctl,
             src_daemon,
@@ -175,27 +178,75 @@ impl Hosts {
         })
     }
 
-    /// What the destination hook does before each incoming migration.
-    pub fn announce(&self) -> anyhow::Result<()> {
+    /// What libvirt and the destination hook do before each migration:
+    /// the source's live XML of the VM `uuid` (libvirt rewrites it for
+    /// each QEMU it starts), and the announcement to the destination's
+    /// daemon (which forgets the VM once its migration is over).
+    pub fn announce(&self, uuid: &str) -> anyhow::Result<()> {
+        let xml = self.run_libvirt.join(format!("{NAME}.xml"));
+        std::fs::write(
+            &xml,
+            format!(
+                "<domstatus><domain type='qemu'><name>{NAME}</name><uuid>{uuid}</uuid><metadata>\
+                 <vmcrypt:vm xmlns:vmcrypt=\"urn:vmcrypt:domain:1\" policy=\"required\"/>\
+                 </metadata></domain></domstatus>\n"
+            ),
+        )
+        .with_context(|| format!("cannot write {}", xml.display()))?;
         call(
             &self.dst_ctl,
             &format!(
-                r#"{{"op":"expect","vm":"{UUID}","name":"{NAME}","policy":"required","encrypted":false}}"#
+                r#"{{"op":"expect","vm":"{uuid}","name":"{NAME}","policy":"required","encrypted":false}}"#
             ),
         )?;
         Ok(())
     }
 
-    /// The source daemon's record of the VM's last migration, once over.
-    pub fn outcome(&self) -> anyhow::Result<Value> {
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            let r = call(&self.src_ctl, &format!(r#"{{"op":"last","vm":"{UUID}"}}"#))?;
-            if r["state"] != "running" || Instant::now() >= end {
-                return Ok(r);
+    /// Fails if a daemon has exited: they must outlive every migration.
+    pub fn check_alive(&self) -> anyhow::Result<()> {
+        for d in [&self.src_daemon, &self.dst_daemon] {
+            if let Some((_, how)) = super::peek_exit(d.pid()) {
+                bail!(
+                    "{} exited ({how}): {}",
+                    d.name,
+                    proc::last_line(&d.log).unwrap_or_else(|| "no output".into())
+                );
             }
-            proc::sleep(Duration::from_millis(50))?;
         }
+        Ok(())
+    }
+
+    /// Fails unless both daemons carried the migration of VM `uuid`
+    /// encrypted to its end (their records of it, once no longer
+    /// `running`; a daemon that never saw the VM has none, and `last` then
+    /// answers an error).
+    pub fn check_carried(&self, uuid: &str) -> anyhow::Result<()> {
+        // Each daemon closes its record a grace period after the last
+        // connection ended, the two not quite at once.
+        let end = Instant::now() + Duration::from_secs(30);
+        let settled = |ctl: &Path, side: &str| -> anyhow::Result<Value> {
+            loop {
+                let r = call(ctl, &format!(r#"{{"op":"last","vm":"{uuid}"}}"#))
+                    .with_context(|| format!("the {side} daemon's record of the migration"))?;
+                if r["state"] != "running" || Instant::now() >= end {
+                    return Ok(r);
+                }
+                proc::sleep(Duration::from_millis(50))?;
+            }
+        };
+        let src = settled(&self.src_ctl, "source")?;
+        let dst = settled(&self.dst_ctl, "destination")?;
+        for (side, r, dir) in [("source", &src, "out"), ("destination", &dst, "in")] {
+            if r["mode"] != "encrypted" || r["state"] != "completed" || r["direction"] != dir {
+                bail!(
+                    "the {side} daemon reports the migration as {r}: not an encrypted, completed one"
+                );
+            }
+        }
+        if src["bytes"] != dst["bytes"] {
+            bail!("the daemons disagree on the bytes carried: source {src}, destination {dst}");
+        }
+        Ok(())
     }
 }
 

@@ -159,11 +159,15 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
         parallel_connections: a.parallel.map(i32::from),
         ..Default::default()
     };
+    // The daemon keeps one record per VM: the one from before this
+    // migration must not be taken for this migration's.
+    let before = record_seq(&uuid);
     let progress =
         (!a.json && std::io::stderr().is_terminal()).then(|| Progress::start(&dom, &a.connect));
     let result = migrate(&dom, a, params, flags);
     drop(progress);
-    let record = last_record(&uuid);
+    let record = last_record(&uuid)
+        .filter(|r| r.seq.unwrap_or(0) > before && r.direction.as_deref() == Some("out"));
     if let Err(e) = result {
         let mut msg = format!("migration of {} failed: {e}", a.domain);
         if let Some(r) = &record {
@@ -226,6 +230,16 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// The sequence number of the local daemon's record of the VM (0: none).
+fn record_seq(uuid: &str) -> u64 {
+    let mut req = Request::new("last");
+    req.vm = Some(uuid.to_string());
+    control::call(&paths::migrate_control(), &req)
+        .ok()
+        .and_then(|r| r.seq)
+        .unwrap_or(0)
 }
 
 /// The local daemon's record of the VM's last migration, once it is over
