@@ -234,14 +234,6 @@ fn debug_logging(host: &Host) -> Result<()> {
 
 /// `virsh migrate` post-copy options.
 const POSTCOPY: [&str; 2] = ["--postcopy", "--postcopy-after-precopy"];
-/// The same, with the pre-copy pass slowed to 16 MiB/s so that a guest
-/// that keeps writing does not converge before the switch.
-const POSTCOPY_SLOW: [&str; 4] = [
-    "--postcopy",
-    "--postcopy-after-precopy",
-    "--bandwidth",
-    "16",
-];
 
 /// Lets QEMU (an unprivileged user) use userfaultfd, which post-copy needs,
 /// while it lives: `vm.unprivileged_userfaultfd = 1`. Debian's kernel
@@ -365,41 +357,52 @@ fn once() -> Result<()> {
         &opp,
     )?;
     opp.has_marker(b)?;
-    // ... and post-copy (the guest keeps dirtying memory and the first pass
-    // is slowed down, so the migration does switch to post-copy): the
-    // return path of page requests goes through the tunnel too.
-    let mut con = console(b, &opp.console, opp.name)?;
-    // A bounded writer (about 30 s under TCG): the guest must have its vCPU
-    // back for the shell once the migration is over.
-    con.run_ok("(for i in $(seq 1 60); do dd if=/dev/urandom of=/tmp/dirty bs=1M count=4 2>/dev/null; done; rm -f /tmp/dirty) >/dev/null 2>&1 & echo started")?;
-    drop(con);
-    // The destination's lifecycle events say whether it ran post-copy
-    // ("Resumed Post-copy").
-    let events = a
+    // ... and post-copy: the return path of page requests goes through the
+    // tunnel too. Pre-copy is slowed to 16 MiB/s, so its first pass (about
+    // 90 MB) is still running when the switch comes.
+    // The switch is made explicitly (`virsh migrate-postcopy`, what Nova's
+    // force-complete does) while the slowed pre-copy pass still runs; it
+    // succeeds only on a migration that is in pre-copy with post-copy
+    // enabled, and from then on the guest runs on vmc-a.
+    let capture = LinkCapture::start(b, &[opp.marker.as_bytes()])?;
+    let mig = b
         .command("virsh")
         .args([
             "-c",
             "qemu:///system",
-            "event",
-            "--event",
-            "lifecycle",
-            "--loop",
+            "migrate",
+            "--live",
+            opp.name,
+            &a.uri(),
         ])
+        .args(opp.needs)
+        .args(["--postcopy", "--bandwidth", "16"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
-    let m = virsh_migrate(b, a, &opp, &POSTCOPY_SLOW)?;
-    // SAFETY: kill(2) on our own child; SIGINT makes virsh end its event
-    // loop and flush what it printed.
-    unsafe { libc::kill(events.id() as libc::pid_t, libc::SIGINT) };
-    let seen = String::from_utf8_lossy(&events.wait_with_output()?.stdout).into_owned();
-    encrypted("opportunistic VM, post-copy", m, b, a, &opp)?;
-    ensure!(
-        seen.contains("opp") && seen.contains("Post-copy"),
-        "the migration did not switch to post-copy; vmc-a's events:\n{seen}"
-    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let switched = b.virsh(["migrate-postcopy", "opp"]);
+    let out = mig.wait_with_output()?;
+    std::thread::sleep(Duration::from_millis(200));
+    let wire = capture.stop()?;
+    wire.assert_complete()?;
+    let result = if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(anyhow::anyhow!(
+            "virsh migrate --postcopy: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    };
+    switched.context("virsh migrate-postcopy (the switch to post-copy) failed")?;
+    encrypted(
+        "opportunistic VM, post-copy (switched mid-migration)",
+        Moved { result, wire },
+        b,
+        a,
+        &opp,
+    )?;
     opp.has_marker(a)?;
     drop(_uffd);
 
@@ -433,23 +436,30 @@ fn once() -> Result<()> {
     da = Some(migrate_daemon(a)?);
 
     // Nova's call sequence (migrateToURI3, LIVE | PEER2PEER |
-    // PERSIST_DEST | UNDEFINE_SOURCE, a migrate_uri) through the libvirt
-    // Python binding: encrypted.
+    // PERSIST_DEST | UNDEFINE_SOURCE, a migrate_uri, the destination URI on
+    // live_migration_inbound_addr) through the libvirt Python binding:
+    // encrypted. Then back with live_migration_parallel_connections = 2.
     let script = repo_root().join("tests/scripts/nova_live_migrate.py");
-    // Debian's python3 (python3-libvirt), whatever else is first in PATH.
-    let mut nova = a.command("/usr/bin/python3");
-    nova.arg(&script).args([
-        "enc",
-        &b.uri(),
-        "--inbound-addr",
-        &b.addr.to_string(),
-        "--json",
-    ]);
-    let m = captured(a, &enc, &mut nova)?;
-    let called = m.result.as_ref().map(|s| s.clone()).unwrap_or_default();
+    let nova = |from: &Host, to: &Host, extra: &[&str]| -> Result<(Moved, serde_json::Value)> {
+        // Debian's python3 (python3-libvirt), whatever else is first in PATH.
+        let mut c = from.command("/usr/bin/python3");
+        let addr = to.addr.to_string();
+        c.arg(&script)
+            .args([
+                "enc",
+                &format!("qemu+tls://{addr}/system"),
+                "--inbound-addr",
+                &addr,
+                "--json",
+            ])
+            .args(extra);
+        let m = captured(from, &enc, &mut c)?;
+        let called = m.result.as_ref().map(|s| s.clone()).unwrap_or_default();
+        let v = serde_json::from_str(called.trim()).unwrap_or(serde_json::Value::Null);
+        Ok((m, v))
+    };
+    let (m, v) = nova(a, b, &[])?;
     encrypted("encrypted VM, Nova's libvirt calls", m, a, b, &enc)?;
-    let v: serde_json::Value = serde_json::from_str(called.trim())
-        .with_context(|| format!("the Nova script's report: {called:?}"))?;
     for f in ["LIVE", "PEER2PEER", "PERSIST_DEST", "UNDEFINE_SOURCE"] {
         ensure!(
             v["flags"]
@@ -474,6 +484,28 @@ fn once() -> Result<()> {
         "still defined on vmc-a"
     );
     enc.has_marker(b)?;
+    let (m, v) = nova(b, a, &["--parallel", "2"])?;
+    encrypted(
+        "encrypted VM, Nova with 2 parallel connections",
+        m,
+        b,
+        a,
+        &enc,
+    )?;
+    ensure!(
+        v["flags"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "PARALLEL")),
+        "Nova's call lacked PARALLEL: {v}"
+    );
+    let blog = std::fs::read_to_string(b.dir().join("vmcrypt-migrate.log")).unwrap_or_default();
+    ensure!(
+        blog.lines()
+            .rev()
+            .find(|l| l.contains("migration over") && l.contains("direction=\"out\""))
+            .is_some_and(|l| l.contains("mode=\"encrypted\"") && l.contains("connections=3")),
+        "vmc-b's daemon did not carry Nova's parallel migration as 3 encrypted connections:\n{blog}"
+    );
 
     // Hosts without a common key provider: vmc-a's default provider is now
     // a keystore of its own, whose cluster secret vmc-b lacks. The
