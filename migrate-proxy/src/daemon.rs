@@ -172,18 +172,15 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         "cannot tell which uid QEMU runs as (qemu.conf `user`, or libvirt-qemu): is libvirt installed?",
     )?;
     let ports = vmcrypt_core::qemu_conf::migration_ports(&conf);
-    let listen_port = match &opts.listen {
-        Addr::Tcp(a) => a.port(),
+    let listen = match &opts.listen {
+        Addr::Tcp(a) => *a,
         Addr::Unix(_) => anyhow::bail!("--listen must be HOST:PORT"),
     };
+    let listen_port = listen.port();
     let cfg = crate::transparent::Config {
         qemu_uid,
         ports,
         peer_port: listen_port,
-    };
-    let listen = match &opts.listen {
-        Addr::Tcp(a) => *a,
-        Addr::Unix(_) => unreachable!("checked above"),
     };
     let network = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let mut intercepts = Vec::new();

@@ -122,6 +122,26 @@ pub struct Record {
     pub connections: u32,
 }
 
+impl Record {
+    /// A record with nothing moved yet (its `seq` is set when it is kept).
+    fn new(
+        direction: &'static str,
+        mode: &'static str,
+        state: &'static str,
+        reason: Option<String>,
+    ) -> Record {
+        Record {
+            seq: 0,
+            direction,
+            mode,
+            state,
+            bytes: 0,
+            reason,
+            connections: 0,
+        }
+    }
+}
+
 enum Decision {
     Encrypted(Arc<Migration>),
     Plain(Arc<Migration>),
@@ -434,22 +454,25 @@ impl Transparent {
             }
         };
         let must = meta.encrypted() || meta.policy == Policy::Required;
-        let plain_spec = |id| Spec {
-            id,
-            policy: meta.policy,
-            crypto: None,
-        };
         let id = MigrationId(random16());
-        if meta.policy == Policy::Disabled && !must {
-            let mig = Arc::new(Migration::new(plain_spec(id)));
-            self.begin_out(qemu, "plain", Some("policy disabled".into()));
-            tracing::info!(vm = %name, dest = %orig, "migrating plain: policy disabled");
+        // Plain: this daemon connects to the original destination itself.
+        let go_plain = |why: String| {
+            let mig = Arc::new(Migration::new(Spec {
+                id,
+                policy: meta.policy,
+                crypto: None,
+            }));
+            self.begin_out(qemu, "plain", Some(why));
             mig.start_connection(&[local]).map_err(|e| e.to_string())?;
             let peer = open_plain(&mig, orig).map_err(|e| {
                 mig.fail(e.to_string());
                 e.to_string()
             })?;
-            return Ok((Decision::Plain(mig), (peer, Session::Plain)));
+            Ok((Decision::Plain(mig), (peer, Session::Plain)))
+        };
+        if meta.policy == Policy::Disabled && !must {
+            tracing::info!(vm = %name, dest = %orig, "migrating plain: policy disabled");
+            return go_plain("policy disabled".into());
         }
         let provider = meta
             .disks
@@ -494,14 +517,7 @@ impl Transparent {
             }
             Err(why) => {
                 tracing::warn!(vm = %name, dest = %orig, "cannot encrypt ({why}); policy opportunistic: migrating plain");
-                let mig = Arc::new(Migration::new(plain_spec(id)));
-                self.begin_out(qemu, "plain", Some(why));
-                mig.start_connection(&[local]).map_err(|e| e.to_string())?;
-                let peer = open_plain(&mig, orig).map_err(|e| {
-                    mig.fail(e.to_string());
-                    e.to_string()
-                })?;
-                Ok((Decision::Plain(mig), (peer, Session::Plain)))
+                go_plain(why)
             }
         }
     }
@@ -534,32 +550,13 @@ impl Transparent {
     }
 
     fn begin_out(&self, qemu: &QemuProcess, mode: &'static str, reason: Option<String>) {
-        self.set_record(
-            qemu.uuid,
-            Record {
-                seq: 0,
-                direction: "out",
-                mode,
-                state: "running",
-                bytes: 0,
-                reason,
-                connections: 0,
-            },
-        );
+        self.set_record(qemu.uuid, Record::new("out", mode, "running", reason));
     }
 
     fn fail_out(&self, qemu: &QemuProcess, why: &str, mode: &'static str) {
         self.set_record(
             qemu.uuid,
-            Record {
-                seq: 0,
-                direction: "out",
-                mode,
-                state: "failed",
-                bytes: 0,
-                reason: Some(why.to_string()),
-                connections: 0,
-            },
+            Record::new("out", mode, "failed", Some(why.to_string())),
         );
     }
 
@@ -682,18 +679,7 @@ impl Transparent {
                     }
                 };
                 if new {
-                    self.set_record(
-                        h.vm,
-                        Record {
-                            seq: 0,
-                            direction: "in",
-                            mode: "encrypted",
-                            state: "running",
-                            bytes: 0,
-                            reason: None,
-                            connections: 0,
-                        },
-                    );
+                    self.set_record(h.vm, Record::new("in", "encrypted", "running", None));
                     self.watch_in(id, h.vm, mig.clone());
                 }
                 if mig.failed() {
@@ -799,13 +785,8 @@ impl Transparent {
             self.set_record(
                 q.uuid,
                 Record {
-                    seq: 0,
-                    direction: "in",
-                    mode: "plain",
-                    state: "failed",
-                    bytes: 0,
-                    reason: Some(why.clone()),
                     connections: 1,
+                    ..Record::new("in", "plain", "failed", Some(why.clone()))
                 },
             );
             return refuse(why);
@@ -814,15 +795,12 @@ impl Transparent {
             tracing::warn!(vm = %q.name, policy = %exp.policy, "incoming plain migration: the VM's memory crossed the network unencrypted");
             self.set_record(
                 q.uuid,
-                Record {
-                    seq: 0,
-                    direction: "in",
-                    mode: "plain",
-                    state: "running",
-                    bytes: 0,
-                    reason: Some("the source sent it plain".into()),
-                    connections: 0,
-                },
+                Record::new(
+                    "in",
+                    "plain",
+                    "running",
+                    Some("the source sent it plain".into()),
+                ),
             );
             let me = self.clone();
             let (m, vm) = (mig.clone(), q.uuid);

@@ -279,6 +279,17 @@ pub fn sha256_prefix(path: &Path, len: u64) -> Result<String> {
         .ok_or_else(|| anyhow!("sha256sum printed nothing"))
 }
 
+/// `qemu-img ARGS`, which must succeed.
+pub fn qemu_img(args: &[&str]) -> Result<()> {
+    let out = Command::new("qemu-img").args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// `qemu-img create -f luks` with the key file as the secret. QEMU 7.2
 /// randomly fails its PBKDF2 benchmark here ("Unable to get accurate CPU
 /// usage"), whatever the iter-time, so it is retried.

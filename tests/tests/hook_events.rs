@@ -198,32 +198,30 @@ fn migrate_begin_enforces_the_policy() -> Result<()> {
     // tunnelled migration in plaintext: refused; with SASL it is fine
     // (then the daemon check above refuses, as without this file).
     let conf = h.path("libvirtd.conf");
-    std::fs::write(&conf, "listen_tcp = 1\nauth_tcp = \"none\"\n")?;
-    let out = h.hook_env(
-        "encvm",
-        "migrate",
-        "begin",
-        &encrypted,
-        &[("VMCRYPT_LIBVIRTD_CONF", conf.as_os_str())],
-    )?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        !out.status.success() && err.contains("unencrypted, unauthenticated TCP"),
-        "{err}"
-    );
-    std::fs::write(&conf, "listen_tcp = 1\nauth_tcp = \"sasl\"\n")?;
-    let out = h.hook_env(
-        "encvm",
-        "migrate",
-        "begin",
-        &encrypted,
-        &[("VMCRYPT_LIBVIRTD_CONF", conf.as_os_str())],
-    )?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        !out.status.success() && err.contains("does not intercept"),
-        "{err}"
-    );
+    for (text, want) in [
+        (
+            "listen_tcp = 1\nauth_tcp = \"none\"\n",
+            "unencrypted, unauthenticated TCP",
+        ),
+        (
+            "listen_tcp = 1\nauth_tcp = \"sasl\"\n",
+            "does not intercept",
+        ),
+    ] {
+        std::fs::write(&conf, text)?;
+        let out = h.hook_env(
+            "encvm",
+            "migrate",
+            "begin",
+            &encrypted,
+            &[("VMCRYPT_LIBVIRTD_CONF", conf.as_os_str())],
+        )?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains(want),
+            "{text:?}: {err}"
+        );
+    }
     Ok(())
 }
 

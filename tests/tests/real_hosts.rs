@@ -27,7 +27,7 @@ use vmcrypt_tests::hosts::{Host, HostsOptions, TwoHosts};
 use vmcrypt_tests::libvirt_domain::{connect_console, qemu_uid, virt_install};
 use vmcrypt_tests::migration::retry_if_guest_crashed;
 
-use vmcrypt_tests::vmcrypt::{bin, file_contains};
+use vmcrypt_tests::vmcrypt::{bin, file_contains, qemu_img};
 use vmcrypt_tests::vmcrypt_hosts::{migrate_daemon, share_keystore, vmcrypt, vmcrypt_ok};
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -132,16 +132,6 @@ fn blk_running_for(dom: &str) -> bool {
             })
             .unwrap_or(false)
     })
-}
-
-fn qemu_img(args: &[&str]) -> Result<()> {
-    let out = Command::new("qemu-img").args(args).output()?;
-    ensure!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 #[test]

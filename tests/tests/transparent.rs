@@ -27,6 +27,7 @@ use vmcrypt_tests::hosts::{Host, HostsOptions, TwoHosts};
 use vmcrypt_tests::libvirt_domain::{connect_console, virt_install};
 use vmcrypt_tests::migration::retry_if_guest_crashed;
 
+use vmcrypt_tests::vmcrypt::qemu_img;
 use vmcrypt_tests::vmcrypt_hosts::{
     kek_hex, migrate_daemon, no_secrets_on_hosts, share_keystore, vmcrypt_ok,
 };
@@ -36,16 +37,6 @@ const DEBUG_LOG: &str = "/var/log/libvirt/libvirtd-debug.log";
 
 fn console(host: &Host, sock: &Path, name: &str) -> Result<Console> {
     connect_console(host, sock, &format!("{name}@{}", host.name), BOOT)
-}
-
-fn qemu_img(args: &[&str]) -> Result<()> {
-    let out = Command::new("qemu-img").args(args).output()?;
-    ensure!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// A test VM: its name, console socket and the marker its guest keeps in
