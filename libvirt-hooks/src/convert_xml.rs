@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 use vmcrypt_core::domain::{escape, VmMetadata};
 
+use crate::paths;
+
 /// A file disk that `vmcrypt encrypt` converts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileDisk {
@@ -234,6 +236,20 @@ pub fn rewrite_encrypted(
         ));
     }
     edits.extend(shared_memory(xml, root)?);
+    let edited = protect_memory(&apply(xml, edits))?;
+    meta.replace_in(&edited)
+        .map_err(|e| XmlError::Invalid(e.to_string()))
+}
+
+/// What keeps an encrypted VM's memory off storage: its emulator is
+/// vmcrypt's monitor guard, `on_crash` does not dump, and QEMU core dumps
+/// leave guest RAM out (`<memory dumpCore='off'>`). Idempotent.
+pub fn protect_memory(xml: &str) -> Result<String, XmlError> {
+    let doc = parse(xml)?;
+    let root = doc.root_element();
+    let mut edits = Vec::new();
+    edits.extend(guard_emulator(xml, root)?);
+    edits.extend(no_crash_dumps(xml, root));
     if let Some(m) = child(root, "memory") {
         let tag = start_tag(xml, m);
         let text = &xml[tag.clone()];
@@ -249,9 +265,91 @@ pub fn rewrite_encrypted(
             edits.push((tag, fixed));
         }
     }
-    let edited = apply(xml, edits);
-    meta.replace_in(&edited)
-        .map_err(|e| XmlError::Invalid(e.to_string()))
+    Ok(apply(xml, edits))
+}
+
+/// The domain's `<emulator>` element and the range of its text.
+fn emulator<'a, 'i>(
+    xml: &str,
+    root: roxmltree::Node<'a, 'i>,
+) -> Result<(String, Range<usize>), XmlError> {
+    let e = child(root, "devices")
+        .and_then(|d| child(d, "emulator"))
+        .ok_or_else(|| XmlError::Invalid("no <emulator>".into()))?;
+    let text = e
+        .first_child()
+        .filter(|t| t.is_text())
+        .ok_or_else(|| XmlError::Invalid("an empty <emulator>".into()))?;
+    let r = text.range();
+    Ok((xml[r.clone()].trim().to_owned(), r))
+}
+
+/// The monitor guard file that will run this domain's QEMU once encrypted
+/// (whether it is installed is the caller's check).
+pub fn guard_for(xml: &str) -> Result<PathBuf, XmlError> {
+    let doc = parse(xml)?;
+    match guard_emulator(xml, doc.root_element())? {
+        Some((_, path)) => Ok(PathBuf::from(path)),
+        None => Ok(PathBuf::from(emulator(xml, doc.root_element())?.0)),
+    }
+}
+
+/// Points `<emulator>` at vmcrypt's monitor guard for the same QEMU, which
+/// refuses every monitor command that would write guest memory to storage
+/// (docs/saved-state.md). Nothing to do when it already is.
+fn guard_emulator(
+    xml: &str,
+    root: roxmltree::Node<'_, '_>,
+) -> Result<Option<(Range<usize>, String)>, XmlError> {
+    let (path, range) = emulator(xml, root)?;
+    let guard_dir = paths::qemu_guard_dir();
+    let p = std::path::Path::new(&path);
+    if p.parent() == Some(guard_dir.as_path()) {
+        return Ok(None);
+    }
+    let name = p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| n.starts_with("qemu-system-") && p.parent() == Some(std::path::Path::new("/usr/bin")))
+        .ok_or_else(|| {
+            XmlError::Refused(format!(
+                "the domain's emulator {path} is not one of /usr/bin/qemu-system-*, the QEMUs vmcrypt's monitor guard runs"
+            ))
+        })?;
+    let guard = guard_dir.join(name);
+    Ok(Some((range, escape(&guard.to_string_lossy()))))
+}
+
+/// `<emulator>` back to the QEMU the guard ran.
+fn unguard_emulator(
+    xml: &str,
+    root: roxmltree::Node<'_, '_>,
+) -> Result<Option<(Range<usize>, String)>, XmlError> {
+    let (path, range) = emulator(xml, root)?;
+    let p = std::path::Path::new(&path);
+    if p.parent() != Some(paths::qemu_guard_dir().as_path()) {
+        return Ok(None);
+    }
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    Ok(Some((range, escape(&format!("/usr/bin/{name}")))))
+}
+
+/// `on_crash` actions that dump the guest's memory become the same action
+/// without the dump (the guard would refuse the dump anyway; this way the
+/// action itself still happens as configured).
+fn no_crash_dumps(xml: &str, root: roxmltree::Node<'_, '_>) -> Option<(Range<usize>, String)> {
+    let text = child(root, "on_crash")?
+        .first_child()
+        .filter(|t| t.is_text())?;
+    let new = match xml[text.range()].trim() {
+        "coredump-destroy" => "destroy",
+        "coredump-restart" => "restart",
+        _ => return None,
+    };
+    Some((text.range(), new.into()))
 }
 
 /// Edits that make guest RAM shareable memfd memory (or keep hugepages
@@ -307,6 +405,9 @@ pub fn rewrite_decrypted(
 ) -> Result<String, XmlError> {
     let doc = parse(xml)?;
     let mut edits = Vec::new();
+    if !meta.encrypted() {
+        edits.extend(unguard_emulator(xml, doc.root_element())?);
+    }
     for disk in disks(&doc) {
         let target = target_of(disk);
         let Some(p) = plain.iter().find(|p| p.target == target) else {
@@ -433,6 +534,15 @@ mod tests {
         assert!(!out.contains("vm1.qcow2"));
         assert!(out.contains("/iso/debian.iso"), "the CD-ROM stays");
         assert!(out.contains("<memory dumpCore='off' unit='KiB'>"));
+        assert!(
+            out.contains("<emulator>/usr/libexec/vmcrypt/qemu-system-x86_64</emulator>"),
+            "the emulator is not the monitor guard: {out}"
+        );
+        assert_eq!(
+            protect_memory(&out).unwrap(),
+            out,
+            "protect_memory is idempotent"
+        );
         assert!(out.contains("</currentMemory><memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"));
         assert!(out.contains("libosinfo:os"), "other metadata stays");
         let back = VmMetadata::from_domain_xml(&out).unwrap();
@@ -449,6 +559,37 @@ mod tests {
         let dec = rewrite_decrypted(&out, &plain, &m).unwrap();
         assert!(dec.contains("<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/var/lib/libvirt/images/vm1-vda.raw'/><target dev='vda' bus='virtio'/><serial>abc&amp;1</serial><boot order='1'/>"), "{dec}");
         assert!(plan_encrypt(&dec).unwrap().len() == 1);
+        assert!(
+            dec.contains("<emulator>/usr/bin/qemu-system-x86_64</emulator>"),
+            "{dec}"
+        );
+    }
+
+    #[test]
+    fn memory_protection_rewrites_crash_dumps_and_refuses_other_emulators() {
+        let crashy = VIRT_INSTALL.replace(
+            "  <devices>",
+            "  <on_crash>coredump-restart</on_crash>\n  <devices>",
+        );
+        let out = protect_memory(&crashy).unwrap();
+        assert!(out.contains("<on_crash>restart</on_crash>"), "{out}");
+        let destroy = crashy.replace("coredump-restart", "coredump-destroy");
+        assert!(protect_memory(&destroy)
+            .unwrap()
+            .contains("<on_crash>destroy</on_crash>"));
+        let on = VIRT_INSTALL.replace("<memory unit", "<memory dumpCore='on' unit");
+        assert!(protect_memory(&on)
+            .unwrap()
+            .contains("<memory dumpCore='off' unit"));
+        let custom = VIRT_INSTALL.replace("/usr/bin/qemu-system-x86_64", "/opt/qemu/bin/qemu-kvm");
+        match protect_memory(&custom) {
+            Err(XmlError::Refused(m)) => assert!(m.contains("/opt/qemu/bin/qemu-kvm"), "{m}"),
+            other => panic!("a custom emulator was accepted: {other:?}"),
+        }
+        assert_eq!(
+            guard_for(VIRT_INSTALL).unwrap(),
+            PathBuf::from("/usr/libexec/vmcrypt/qemu-system-x86_64")
+        );
     }
 
     #[test]

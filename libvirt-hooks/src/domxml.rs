@@ -24,6 +24,8 @@ pub struct DomainDef {
     pub vcpus: u16,
     /// Its vhost-user disks.
     pub vhost_user_disks: Vec<VhostUserDisk>,
+    /// `<devices><emulator>`.
+    pub emulator: Option<String>,
 }
 
 /// A domain XML vmcrypt cannot use.
@@ -66,6 +68,10 @@ impl DomainDef {
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or(1);
         let mut vhost_user_disks = Vec::new();
+        let emulator = child(root, "devices")
+            .and_then(|d| child(d, "emulator"))
+            .and_then(|e| e.text())
+            .map(|t| t.trim().to_string());
         if let Some(devices) = child(root, "devices") {
             for disk in devices.children().filter(|d| {
                 d.is_element()
@@ -94,6 +100,7 @@ impl DomainDef {
             uuid,
             vcpus,
             vhost_user_disks,
+            emulator,
         })
     }
 

@@ -3,7 +3,7 @@
 //!
 //! | event | what the hook does |
 //! |---|---|
-//! | `prepare begin` | fetch each encrypted disk's KEK, start a vmcrypt-blk per vmcrypt disk, wait until each listens; any failure fails the start |
+//! | `prepare begin` | refuse an encrypted VM whose emulator is not vmcrypt's monitor guard; fetch each encrypted disk's KEK, start a vmcrypt-blk per vmcrypt disk, wait until each listens; any failure fails the start |
 //! | `migrate begin` (destination) | enforce the policy (this host can open the disks, its vmcrypt-migrate intercepts, the key provider has a cluster secret, libvirt accepts no unencrypted TCP), announce the VM to the local vmcrypt-migrate |
 //! | `stopped end`, `release end` | stop the domain's backends, forget an announced migration that never came |
 //!
@@ -77,12 +77,31 @@ fn fetch_keys(meta: &VmMetadata, why: &str) -> Result<Vec<(String, Passphrase)>,
     Ok(out)
 }
 
+/// An encrypted VM runs only under vmcrypt's monitor guard, which keeps
+/// its memory off storage (docs/saved-state.md).
+fn require_guard(def: &DomainDef, why: &str) -> Result<(), Refusal> {
+    let guard_dir = paths::qemu_guard_dir();
+    let emulator = def.emulator.as_deref().unwrap_or("");
+    if std::path::Path::new(emulator).parent() != Some(guard_dir.as_path()) {
+        return Err(refuse(format!(
+            "{why}: it is encrypted and its emulator {emulator} is not vmcrypt's monitor guard, \
+             so `virsh save` or `virsh dump` would write its memory in plaintext; \
+             run `vmcrypt encrypt {}` once while it is shut off",
+            def.name
+        )));
+    }
+    Ok(())
+}
+
 fn prepare(xml: &str) -> Result<(), Refusal> {
     let (def, meta) = parse(xml)?;
     if meta.disks.is_empty() {
         return Ok(());
     }
     let why = format!("cannot start {}", def.name);
+    if meta.encrypted() {
+        require_guard(&def, &why)?;
+    }
     let owner = qemu_user::for_domain(xml).map_err(|e| refuse(format!("{why}: {e}")))?;
     tracing::debug!(domain = %def.name, %owner, "the disk sockets go to QEMU's user");
     let mut keys = fetch_keys(&meta, &why)?;

@@ -21,6 +21,13 @@ pub fn domain_dir(name: &str) -> PathBuf {
     run_dir().join("domains").join(name)
 }
 
+/// vmcrypt's monitor guard, one file per QEMU it runs (`qemu-system-x86_64`):
+/// `/usr/libexec/vmcrypt` (`VMCRYPT_LIBEXEC_DIR`). An encrypted domain's
+/// `<emulator>` points here.
+pub fn qemu_guard_dir() -> PathBuf {
+    env_or("VMCRYPT_LIBEXEC_DIR", "/usr/libexec/vmcrypt")
+}
+
 /// Logs: `/var/log/vmcrypt` (`VMCRYPT_LOG_DIR`).
 pub fn log_dir() -> PathBuf {
     env_or("VMCRYPT_LOG_DIR", "/var/log/vmcrypt")

@@ -458,7 +458,7 @@ impl<'n> Searcher<'n> {
 }
 
 /// Whether `needle` (not empty) occurs in `haystack`: glibc's memmem.
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     // SAFETY: both pointers and lengths describe live slices, only read.
     let p = unsafe {
         libc::memmem(

@@ -235,7 +235,7 @@ impl Blk {
 /// Whether `needle` occurs anywhere in the file.
 pub fn file_contains(path: &Path, needle: &[u8]) -> Result<bool> {
     let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(data.windows(needle.len()).any(|w| w == needle))
+    Ok(crate::capture::contains(&data, needle))
 }
 
 /// SHA-256 (hex) of a whole file, via `sha256sum`.

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
-use crate::guest::{wait_for_path, ChildGuard};
+use crate::guest::{wait_for_path, ChildGuard, Console};
 use crate::hosts::{Host, TwoHosts};
+use crate::libvirt_domain::{connect_console, virt_install};
 use crate::libvirt_domain::{TestDomain, VhostUserDisk};
+use crate::vmcrypt::qemu_img;
 use crate::vmcrypt::{bin, file_contains};
 
 /// `vmcrypt ARGS` on `host`.
@@ -164,4 +166,83 @@ pub fn kek_hex(keystore: &Path) -> Result<Vec<String>> {
         .filter_map(|k| k["material"].as_str().map(str::to_string))
         .filter(|m| !m.is_empty())
         .collect())
+}
+
+/// How long a test guest may take to boot to its shell.
+pub const BOOT: Duration = Duration::from_secs(180);
+
+/// The guest's serial console on `host`.
+pub fn console(host: &Host, sock: &Path, name: &str) -> Result<Console> {
+    connect_console(host, sock, &format!("{name}@{}", host.name), BOOT)
+}
+
+/// A test VM: its name, console socket and the marker its guest keeps in
+/// RAM (a tmpfs file).
+pub struct MarkedVm {
+    /// Domain name.
+    pub name: &'static str,
+    /// Its serial console socket.
+    pub console: PathBuf,
+    /// What its guest keeps in RAM.
+    pub marker: String,
+    /// `virsh migrate` options this VM needs besides the test's own.
+    pub needs: &'static [&'static str],
+}
+
+/// A VM with a file disk on the hosts' shared folder: libvirt cannot tell
+/// that this folder is shared (it recognises NFS, GlusterFS, ... mounts), and
+/// refuses with "Unsafe migration: Migration without shared storage is
+/// unsafe" (seen here); `--unsafe` is what an operator with such storage
+/// passes. Encrypted VMs do not need it: their disks are vhost-user.
+pub const FILE_DISK: &[&str] = &["--unsafe"];
+
+impl MarkedVm {
+    /// virt-install on a fresh qcow2, the marker written into guest RAM.
+    pub fn install(host: &Host, images: &Path, name: &'static str) -> Result<MarkedVm> {
+        let img = images.join(format!("{name}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &img.display().to_string(),
+            "32M",
+        ])?;
+        let console = virt_install(host, name, &img, "qcow2")?;
+        Ok(MarkedVm {
+            name,
+            console,
+            marker: format!("VMCRYPT-RAM-{}-{}", name.to_uppercase(), "5e1f09c3"),
+            needs: FILE_DISK,
+        })
+    }
+
+    pub fn put_marker(&self, host: &Host) -> Result<()> {
+        let mut con = console(host, &self.console, self.name)?;
+        con.run_ok(&format!(
+            "yes {} | head -c 1048576 > /tmp/ram-marker && echo ok",
+            self.marker
+        ))?;
+        Ok(())
+    }
+
+    /// The guest on `host` still has its marker (it ran through the move).
+    pub fn has_marker(&self, host: &Host) -> Result<()> {
+        let mut con = console(host, &self.console, self.name)?;
+        let ram = con.run_ok("head -c 64 /tmp/ram-marker")?;
+        ensure!(
+            ram.contains(&self.marker),
+            "on {} {} lost its RAM marker: {ram:?}",
+            host.name,
+            self.name
+        );
+        Ok(())
+    }
+
+    /// `virsh domstate` on `host`, trimmed.
+    pub fn state(&self, host: &Host) -> String {
+        host.virsh(["domstate", self.name])
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|e| format!("({e})"))
+    }
 }

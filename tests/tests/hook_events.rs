@@ -123,10 +123,12 @@ impl Host {
 }
 
 const NS: &str = "urn:vmcrypt:domain:1";
+/// vmcrypt's monitor guard, the emulator of every encrypted VM.
+const GUARD: &str = "/usr/libexec/vmcrypt/qemu-system-x86_64";
 
 fn domain(name: &str, socket: &Path, vmcrypt: &str) -> String {
     format!(
-        "<domain type='qemu'>\n  <name>{name}</name>\n  <uuid>5b1c0e6a-4d0e-4a4b-9d43-0c2f1e0a{:04x}</uuid>\n  <vcpu placement='static'>1</vcpu>\n  <metadata>\n    {vmcrypt}\n  </metadata>\n  <devices>\n    <disk type='vhostuser' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source type='unix' path='{}'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n  </devices>\n</domain>\n",
+        "<domain type='qemu'>\n  <name>{name}</name>\n  <uuid>5b1c0e6a-4d0e-4a4b-9d43-0c2f1e0a{:04x}</uuid>\n  <vcpu placement='static'>1</vcpu>\n  <metadata>\n    {vmcrypt}\n  </metadata>\n  <devices>\n    <emulator>{GUARD}</emulator>\n    <disk type='vhostuser' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source type='unix' path='{}'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n  </devices>\n</domain>\n",
         name.len(),
         socket.display()
     )
@@ -300,6 +302,22 @@ fn prepare_starts_backends_and_stopped_stops_them() -> Result<()> {
     ensure!(
         blk_serving(&sa)?.is_none() && blk_serving(&sb)?.is_none(),
         "backends survived stop"
+    );
+
+    // An encrypted VM whose emulator is QEMU itself (not the monitor
+    // guard) would let `virsh save` write its memory in plaintext: refused
+    // before any backend starts.
+    let unguarded = xml.replace(GUARD, "/usr/bin/qemu-system-x86_64");
+    h.refused(
+        "vm1",
+        "prepare",
+        "begin",
+        &unguarded,
+        "not vmcrypt's monitor guard",
+    )?;
+    ensure!(
+        blk_serving(&sa)?.is_none(),
+        "a backend started for an unguarded VM"
     );
 
     // The key provider cannot give the key: the start fails, and nothing is

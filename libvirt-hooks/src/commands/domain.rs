@@ -19,6 +19,7 @@ use vmcrypt_core::policy::Policy;
 
 use super::lifecycle;
 use crate::output;
+use vmcrypt_cli::convert_xml;
 
 /// The local libvirt: `LIBVIRT_DEFAULT_URI`, else `qemu:///system`.
 pub fn connect() -> anyhow::Result<Connect> {
@@ -172,6 +173,10 @@ pub fn encrypt(name: &str, provider: Option<&str>, json: bool) -> anyhow::Result
     let dom = lookup(&conn, name).with_context(|| format!("no domain named {name:?}"))?;
     require_stopped(&dom, name, "encrypt")?;
     let mut meta = metadata(&dom, name)?;
+    let xml = dom
+        .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+        .map_err(|e| anyhow::anyhow!("cannot read {name}'s XML: {}", e.message()))?;
+    require_guard(&xml, name)?;
     if meta.disks.is_empty() {
         bail!(
             "{name} has no vmcrypt disks: list its vhost-user disks in its <vmcrypt:vm> metadata \
@@ -202,10 +207,45 @@ pub fn encrypt(name: &str, provider: Option<&str>, json: bool) -> anyhow::Result
         store(&dom, name, &meta)?;
         converted += 1;
     }
+    let protected = protect_memory(&conn, &dom, name)?;
     if converted == 0 && !json {
-        println!("{name} is already encrypted");
+        if protected {
+            println!("{name} is already encrypted; its emulator is now vmcrypt's monitor guard");
+        } else {
+            println!("{name} is already encrypted");
+        }
     }
     print_state(&state_of(name, false, &meta), json)
+}
+
+/// The monitor guard that will run `xml`'s QEMU, checked to be installed.
+pub fn require_guard(xml: &str, name: &str) -> anyhow::Result<()> {
+    let guard = convert_xml::guard_for(xml).with_context(|| name.to_string())?;
+    if !guard.is_file() {
+        bail!(
+            "{name}: vmcrypt's monitor guard {} is not installed (it comes with the vmcrypt package); \
+             an encrypted VM runs only under it",
+            guard.display()
+        );
+    }
+    Ok(())
+}
+
+/// Redefines a stopped domain with its memory protected
+/// ([`convert_xml::protect_memory`]). Returns whether anything changed.
+pub fn protect_memory(conn: &Connect, dom: &Domain, name: &str) -> anyhow::Result<bool> {
+    // SECURE: passwords (VNC/SPICE) must survive the redefinition.
+    let xml = dom
+        .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+        .map_err(|e| anyhow::anyhow!("cannot read {name}'s XML: {}", e.message()))?;
+    require_guard(&xml, name)?;
+    let new = convert_xml::protect_memory(&xml).with_context(|| name.to_string())?;
+    if new == xml {
+        return Ok(false);
+    }
+    conn.define_domain_xml(&new)
+        .map_err(|e| anyhow::anyhow!("libvirt refused {name}'s new XML: {}", e.message()))?;
+    Ok(true)
 }
 
 /// `vmcrypt status` without arguments: every domain libvirt knows. Returns

@@ -341,6 +341,7 @@ pub fn encrypt(
     if plan.is_empty() {
         return Ok(false);
     }
+    super::domain::require_guard(&xml, name)?;
     let meta = VmMetadata::from_domain_xml(&xml).with_context(|| name.to_string())?;
     let providers = Providers::load()?;
     let pname = provider

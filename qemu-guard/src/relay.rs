@@ -1,0 +1,242 @@
+//! Carrying one libvirt monitor connection to QEMU and back, through the
+//! policy.
+//!
+//! libvirt → QEMU: bytes are split into JSON values; each value goes on
+//! (with the descriptors that came with its bytes) or is answered by the
+//! guard with a QMP error. QEMU → libvirt: bytes go through unchanged
+//! (replies and events). libvirt sends one command and waits for its reply
+//! before the next, so an error the guard answers itself never overtakes a
+//! reply of QEMU's.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::event::{poll, PollFd, PollFlags};
+use rustix::net::{
+    recvmsg, sendmsg, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrAny, SocketType,
+};
+use serde_json::Value;
+
+use crate::policy::{error_reply, is_local, Command, FdKind, FdNames, Verdict};
+
+/// A libvirt command larger than this is not QMP; the connection is cut.
+const MAX_PENDING: usize = 16 << 20;
+/// Descriptors accepted with one message (libvirt sends one at a time).
+const MAX_FDS: usize = 8;
+
+/// Why a relayed connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// A socket call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// libvirt sent something that is not JSON.
+    #[error("the monitor client sent bytes that are not JSON: {0}")]
+    NotJson(String),
+    /// More than [`MAX_PENDING`] bytes without a complete value.
+    #[error("the monitor client sent more than {MAX_PENDING} bytes without completing a command")]
+    TooLong,
+}
+
+fn io(what: &'static str) -> impl FnOnce(rustix::io::Errno) -> RelayError {
+    move |e| RelayError::Io {
+        what,
+        source: e.into(),
+    }
+}
+
+/// What a descriptor passed with `getfd` is.
+pub fn classify(fd: BorrowedFd<'_>) -> FdKind {
+    use rustix::fs::FileType;
+    let Ok(st) = rustix::fs::fstat(fd) else {
+        return FdKind::Other;
+    };
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::Fifo => return FdKind::Pipe,
+        FileType::Socket => {}
+        _ => return FdKind::Other,
+    }
+    let domain = rustix::net::sockopt::get_socket_domain(fd).ok();
+    let ty = rustix::net::sockopt::get_socket_type(fd).ok();
+    match (domain, ty) {
+        (Some(AddressFamily::UNIX), _) => FdKind::Unix,
+        (Some(AddressFamily::INET | AddressFamily::INET6), Some(SocketType::STREAM)) => {
+            match rustix::net::getpeername(fd) {
+                Ok(Some(SocketAddrAny::V4(a))) => remote_or_local(SocketAddr::V4(a)),
+                Ok(Some(SocketAddrAny::V6(a))) => remote_or_local(SocketAddr::V6(a)),
+                Ok(Some(_)) => FdKind::Other,
+                _ => FdKind::TcpUnconnected,
+            }
+        }
+        _ => FdKind::Other,
+    }
+}
+
+fn remote_or_local(a: SocketAddr) -> FdKind {
+    if is_local(&a.ip()) {
+        FdKind::TcpLoopback
+    } else {
+        FdKind::TcpRemote
+    }
+}
+
+/// Relays until either side closes. `name` is the domain, for the log.
+pub fn relay(
+    libvirt: &OwnedFd,
+    qemu: &OwnedFd,
+    names: &mut FdNames,
+    name: &str,
+) -> Result<(), RelayError> {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut pfds = [
+            PollFd::new(libvirt, PollFlags::IN),
+            PollFd::new(qemu, PollFlags::IN),
+        ];
+        match poll(&mut pfds, -1) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(io("waiting on the monitor sockets")(e)),
+        }
+        let (from_libvirt, from_qemu) = (pfds[0].revents(), pfds[1].revents());
+        if !from_qemu.is_empty() {
+            let n = match rustix::io::read(qemu, &mut buf) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => continue,
+                Err(e) => return Err(io("reading from QEMU")(e)),
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            write_all(libvirt, &buf[..n], &mut Vec::new()).map_err(io("writing to libvirt"))?;
+        }
+        if !from_libvirt.is_empty() {
+            let mut space = [0u8; rustix::cmsg_space!(ScmRights(MAX_FDS))];
+            let mut anc = RecvAncillaryBuffer::new(&mut space);
+            let got = match recvmsg(
+                libvirt,
+                &mut [IoSliceMut::new(&mut buf)],
+                &mut anc,
+                RecvFlags::CMSG_CLOEXEC,
+            ) {
+                Ok(r) => r,
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => continue,
+                Err(e) => return Err(io("reading from libvirt")(e)),
+            };
+            for m in anc.drain() {
+                if let RecvAncillaryMessage::ScmRights(received) = m {
+                    fds.extend(received);
+                }
+            }
+            if got.bytes == 0 {
+                return Ok(());
+            }
+            pending.extend_from_slice(&buf[..got.bytes]);
+            forward(&mut pending, &mut fds, libvirt, qemu, names, name)?;
+            if pending.len() > MAX_PENDING {
+                return Err(RelayError::TooLong);
+            }
+        }
+    }
+}
+
+/// Sends every complete command in `pending` on (or answers it), keeping an
+/// incomplete one for later.
+fn forward(
+    pending: &mut Vec<u8>,
+    fds: &mut Vec<OwnedFd>,
+    libvirt: &OwnedFd,
+    qemu: &OwnedFd,
+    names: &mut FdNames,
+    name: &str,
+) -> Result<(), RelayError> {
+    loop {
+        let mut stream = serde_json::Deserializer::from_slice(pending).into_iter::<Value>();
+        let value = match stream.next() {
+            None => {
+                // Only whitespace: pass it on (QEMU ignores it).
+                pending.clear();
+                return Ok(());
+            }
+            Some(Err(e)) if e.is_eof() => return Ok(()),
+            Some(Err(e)) => return Err(RelayError::NotJson(e.to_string())),
+            Some(Ok(v)) => v,
+        };
+        let mut end = stream.byte_offset();
+        // Take the line end with it, as libvirt writes it.
+        while end < pending.len() && matches!(pending[end], b'\r' | b'\n') {
+            end += 1;
+        }
+        let bytes: Vec<u8> = pending.drain(..end).collect();
+        // Descriptors arrive with the bytes of the command that uses them;
+        // they travel with that command.
+        let with: Vec<OwnedFd> = std::mem::take(fds);
+        match Command::parse(&value) {
+            Err(_) => {
+                // QEMU answers malformed commands itself; pass it on without
+                // descriptors.
+                write_all(qemu, &bytes, &mut Vec::new()).map_err(io("writing to QEMU"))?;
+            }
+            Ok(cmd) => match names.decide(&cmd) {
+                Verdict::Allow => {
+                    let getfd = cmd.getfd_name().map(str::to_owned);
+                    let kind = with.first().map(|f| classify(f.as_fd()));
+                    let mut with = with;
+                    write_all(qemu, &bytes, &mut with).map_err(io("writing to QEMU"))?;
+                    if let (Some(n), Some(k)) = (getfd, kind) {
+                        names.add(&n, k);
+                    }
+                }
+                Verdict::Refuse(why) => {
+                    eprintln!("vmcrypt-qemu: {name}: {} refused: {why}", cmd.name);
+                    drop(with);
+                    write_all(
+                        libvirt,
+                        &error_reply(cmd.id.as_ref(), &why),
+                        &mut Vec::new(),
+                    )
+                    .map_err(io("writing to libvirt"))?;
+                }
+            },
+        }
+    }
+}
+
+/// Writes all of `bytes`; `fds` go with the first byte.
+fn write_all(to: &OwnedFd, mut bytes: &[u8], fds: &mut Vec<OwnedFd>) -> rustix::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = if fds.is_empty() {
+            match rustix::io::write(to, bytes) {
+                Err(rustix::io::Errno::INTR) => continue,
+                r => r?,
+            }
+        } else {
+            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+            let mut space = [0u8; rustix::cmsg_space!(ScmRights(MAX_FDS))];
+            let mut anc = SendAncillaryBuffer::new(&mut space);
+            if !anc.push(SendAncillaryMessage::ScmRights(&borrowed)) {
+                return Err(rustix::io::Errno::TOOMANYREFS);
+            }
+            match sendmsg(to, &[IoSlice::new(bytes)], &mut anc, SendFlags::NOSIGNAL) {
+                Err(rustix::io::Errno::INTR) => continue,
+                r => {
+                    let n = r?;
+                    fds.clear();
+                    n
+                }
+            }
+        };
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
