@@ -12,6 +12,7 @@ pub mod luks;
 pub mod mapping;
 pub mod policy;
 pub mod qemu_conf;
+pub mod savefile;
 pub mod size;
 pub mod unixsock;
 pub mod xts;

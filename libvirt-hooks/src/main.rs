@@ -65,6 +65,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Save a running encrypted VM's state (memory, devices, domain XML)
+    /// into FILE, sealed with AES-256-GCM under a key the VM's key wraps;
+    /// the VM stops. `vmcrypt restore FILE` brings it back, here or on
+    /// another host that can get the VM's key.
+    Save {
+        /// The running encrypted domain.
+        domain: String,
+        /// The file to write (must not exist; created 0600).
+        file: std::path::PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a VM saved by `vmcrypt save`. Every part of FILE is checked
+    /// before the guest runs; a changed, truncated or foreign file is
+    /// refused and nothing starts.
+    Restore {
+        /// The file `vmcrypt save` wrote.
+        file: std::path::PathBuf,
+        /// Start the guest running (default: as it was when saved).
+        #[arg(long, conflicts_with = "paused")]
+        running: bool,
+        /// Leave the guest paused.
+        #[arg(long)]
+        paused: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that this host can run and migrate encrypted VMs; one line per
     /// check with the fix; exit status 1 when a check fails.
     Doctor {
@@ -222,6 +251,23 @@ fn main() -> ExitCode {
             }),
             None => commands::lifecycle::decrypt(&image, json),
         },
+        Command::Save { domain, file, json } => commands::saved::save(&domain, &file, json),
+        Command::Restore {
+            file,
+            running,
+            paused,
+            json,
+        } => commands::saved::restore(
+            &file,
+            if running {
+                Some(true)
+            } else if paused {
+                Some(false)
+            } else {
+                None
+            },
+            json,
+        ),
         Command::Doctor { peer, json } => match commands::doctor::run(&peer, json) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

@@ -28,6 +28,12 @@ pub fn qemu_guard_dir() -> PathBuf {
     env_or("VMCRYPT_LIBEXEC_DIR", "/usr/libexec/vmcrypt")
 }
 
+/// libvirt's QEMU state folder, with one `domain-ID-NAME` folder per
+/// running domain: `/var/lib/libvirt/qemu` (`VMCRYPT_LIBVIRT_QEMU_LIB`).
+pub fn libvirt_qemu_lib() -> PathBuf {
+    env_or("VMCRYPT_LIBVIRT_QEMU_LIB", "/var/lib/libvirt/qemu")
+}
+
 /// Logs: `/var/log/vmcrypt` (`VMCRYPT_LOG_DIR`).
 pub fn log_dir() -> PathBuf {
     env_or("VMCRYPT_LOG_DIR", "/var/log/vmcrypt")

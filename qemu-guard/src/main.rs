@@ -20,6 +20,7 @@
 mod cmdline;
 mod policy;
 mod relay;
+mod save;
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -65,11 +66,25 @@ fn run(args: &[OsString]) -> Result<Never, String> {
     // SAFETY: libvirt passed this descriptor for the monitor and nothing
     // else in this process refers to it; from here it is ours alone.
     let libvirt = unsafe { OwnedFd::from_raw_fd(monitor.fd) };
-    let inner_path = inner_socket_path(&libvirt)?;
-    let inner = listen_inner(&inner_path)?;
+    let dir = domain_dir(&libvirt)?;
+    let inner_path = dir.join(INNER_SOCKET);
+    let inner = listen_unix(&inner_path)?;
+    let own_path = dir.join(save::GUARD_MONITOR);
+    let own = listen_unix(&own_path)?;
+    let save_listener = listen_unix(&dir.join(save::SAVE_SOCKET))?;
     let mut new_args = args[1..].to_vec();
     new_args[monitor.chardev_arg - 1] =
         cmdline::with_fd(&args[monitor.chardev_arg], inner.as_raw_fd());
+    // The guard's own monitor, for `vmcrypt save` (see save.rs).
+    new_args.extend([
+        OsString::from("-chardev"),
+        OsString::from(format!(
+            "socket,id=vmcrypt-guard,fd={},server=on,wait=off",
+            own.as_raw_fd()
+        )),
+        OsString::from("-mon"),
+        OsString::from("chardev=vmcrypt-guard,id=vmcrypt-guard,mode=control"),
+    ]);
     let qemu_pid = rustix::process::getpid();
     // SAFETY: this process has one thread (nothing here starts one), so the
     // child may run any code; it only uses what it owns below.
@@ -79,11 +94,18 @@ fn run(args: &[OsString]) -> Result<Never, String> {
             std::io::Error::last_os_error()
         )),
         0 => {
-            drop(inner);
-            guard(libvirt, &inner_path, qemu_pid, &name)
+            drop((inner, own));
+            guard(
+                libvirt,
+                save_listener,
+                &inner_path,
+                &own_path,
+                qemu_pid,
+                &name,
+            )
         }
         _ => {
-            drop(libvirt);
+            drop((libvirt, save_listener));
             exec(&real, &new_args)
         }
     }
@@ -127,8 +149,8 @@ fn domain_name(args: &[OsString]) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// The guard's socket, beside libvirt's monitor socket.
-fn inner_socket_path(libvirt: &OwnedFd) -> Result<PathBuf, String> {
+/// QEMU's per-domain folder, where libvirt's monitor socket is.
+fn domain_dir(libvirt: &OwnedFd) -> Result<PathBuf, String> {
     let bad =
         || "libvirt's monitor descriptor is not a listening unix socket with a path".to_string();
     let addr = rustix::net::getsockname(libvirt).map_err(|_| bad())?;
@@ -137,13 +159,13 @@ fn inner_socket_path(libvirt: &OwnedFd) -> Result<PathBuf, String> {
     };
     let path = unix.path().ok_or_else(bad)?;
     let path = Path::new(OsStr::from_bytes(path.to_bytes()));
-    let dir = path.parent().ok_or_else(bad)?;
-    Ok(dir.join(INNER_SOCKET))
+    Ok(path.parent().ok_or_else(bad)?.to_path_buf())
 }
 
-/// QEMU's new monitor socket: listening, inherited by QEMU (no
-/// close-on-exec), born 0600 for QEMU's user.
-fn listen_inner(path: &Path) -> Result<OwnedFd, String> {
+/// A listening unix socket at `path`, born 0600 for QEMU's user, without
+/// close-on-exec (QEMU inherits the monitor sockets; the parent closes the
+/// others before exec).
+fn listen_unix(path: &Path) -> Result<OwnedFd, String> {
     let fail = |what: &str, e: rustix::io::Errno| format!("{what} {}: {e}", path.display());
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -170,7 +192,9 @@ fn listen_inner(path: &Path) -> Result<OwnedFd, String> {
 /// as QEMU would) until QEMU exits.
 fn guard(
     libvirt: OwnedFd,
+    save_listener: OwnedFd,
     inner: &Path,
+    own_monitor: &Path,
     qemu: rustix::process::Pid,
     name: &str,
 ) -> Result<Never, String> {
@@ -179,7 +203,8 @@ fn guard(
     if rustix::process::getppid() != Some(qemu) {
         std::process::exit(0);
     }
-    close_inherited(libvirt.as_raw_fd());
+    close_inherited(&[libvirt.as_raw_fd(), save_listener.as_raw_fd()]);
+    save::serve(save_listener, own_monitor.to_path_buf(), name.to_owned());
     let addr = SocketAddrUnix::new(inner).map_err(|e| format!("{}: {e}", inner.display()))?;
     let mut names = policy::FdNames::default();
     loop {
@@ -213,14 +238,14 @@ fn guard(
 
 /// Closes every descriptor libvirt gave QEMU except stdio and `keep`: the
 /// guard must not hold QEMU's disks, taps or sockets open.
-fn close_inherited(keep: i32) {
+fn close_inherited(keep: &[i32]) {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
     let fds: Vec<i32> = dir
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
-        .filter(|&fd| fd > 2 && fd != keep)
+        .filter(|&fd| fd > 2 && !keep.contains(&fd))
         .collect();
     for fd in fds {
         // SAFETY: after fork this process owns these inherited descriptors

@@ -14,7 +14,7 @@ use anyhow::{bail, ensure, Result};
 use vmcrypt_tests::hosts::{Host, HostsOptions, TwoHosts};
 use vmcrypt_tests::migration::retry_if_guest_crashed;
 use vmcrypt_tests::vmcrypt::file_contains;
-use vmcrypt_tests::vmcrypt_hosts::{vmcrypt_ok, MarkedVm};
+use vmcrypt_tests::vmcrypt_hosts::{console, share_keystore, vmcrypt, vmcrypt_ok, MarkedVm};
 
 /// Every regular file under `roots` that holds `needle`.
 fn files_holding(roots: &[PathBuf], needle: &[u8]) -> Result<(usize, Vec<PathBuf>)> {
@@ -107,6 +107,9 @@ fn once() -> Result<()> {
     std::fs::create_dir_all(&images)?;
     let out = |name: &str| -> String { shared.join(name).display().to_string() };
 
+    // Both hosts get the VMs' keys from one provider, as hosts sharing a
+    // KMIP cluster would: a save made on vmc-a restores on vmc-b.
+    share_keystore(&hosts)?;
     let enc = MarkedVm::install(a, &images, "enc")?;
     a.virsh(["destroy", "enc"])?;
     vmcrypt_ok(a, &["encrypt", "enc"])?;
@@ -219,5 +222,92 @@ fn once() -> Result<()> {
         cases.len(),
         t0.elapsed()
     );
+
+    // `vmcrypt save` on vmc-a: the guest also wrote to its encrypted disk.
+    let mut con = console(a, &enc.console, enc.name)?;
+    con.run_ok(&format!(
+        "printf {DISK_MARK} | dd of=/dev/vda bs=512 seek=100 conv=fsync 2>/dev/null; echo ok"
+    ))?;
+    drop(con);
+    let saved = shared.join("enc.vmsave");
+    let said = vmcrypt_ok(a, &["save", "enc", &saved.display().to_string()])?;
+    ensure!(said.contains("saved enc"), "vmcrypt save said: {said}");
+    ensure!(
+        a.virsh(["domstate", "enc"])?.trim() == "shut off",
+        "enc still runs on vmc-a after vmcrypt save"
+    );
+    ensure!(
+        !file_contains(&saved, enc.marker.as_bytes())?,
+        "the saved file holds the RAM marker"
+    );
+    let size = std::fs::metadata(&saved)?.len();
+    eprintln!(
+        "saved_state: vmcrypt save: {size} bytes at {:.0?}",
+        t0.elapsed()
+    );
+
+    // A second encrypted VM's save, for a file from another VM.
+    a.virsh(["destroy", "pln"]).ok();
+    vmcrypt_ok(a, &["encrypt", "pln"])?;
+    a.virsh(["start", "pln"])?;
+    let other = shared.join("pln.vmsave");
+    vmcrypt_ok(a, &["save", "pln", &other.display().to_string()])?;
+
+    // Damaged or foreign files are refused on vmc-b, and nothing runs.
+    let b = hosts.b();
+    let bytes = std::fs::read(&saved)?;
+    let header_len = 14 + u32::from_be_bytes(bytes[10..14].try_into()?) as usize;
+    let mut flipped = bytes.clone();
+    let at = bytes.len() / 2;
+    flipped[at] ^= 0x01;
+    let other_bytes = std::fs::read(&other)?;
+    let other_header = 14 + u32::from_be_bytes(other_bytes[10..14].try_into()?) as usize;
+    let mut swapped = other_bytes[..other_header].to_vec();
+    swapped.extend_from_slice(&bytes[header_len..]);
+    for (what, data) in [
+        ("one flipped byte", flipped),
+        ("truncated", bytes[..bytes.len() * 2 / 3].to_vec()),
+        ("another VM's header", swapped),
+    ] {
+        let f = shared.join("bad.vmsave");
+        std::fs::write(&f, &data)?;
+        let out = vmcrypt(b, &["restore", &f.display().to_string()])?;
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        ensure!(!out.status.success(), "{what}: vmcrypt restore accepted it");
+        ensure!(
+            err.contains("refused"),
+            "{what}: not refused clearly: {err}"
+        );
+        ensure!(
+            !b.virsh(["list", "--name"])?.contains("enc"),
+            "{what}: enc runs on vmc-b"
+        );
+        eprintln!("saved_state: restore of a file with {what}: {}", err.trim());
+    }
+    drop(bytes);
+
+    // The real file restores on vmc-b: RAM and disk as they were.
+    let said = vmcrypt_ok(b, &["restore", &saved.display().to_string()])?;
+    ensure!(said.contains("running"), "vmcrypt restore said: {said}");
+    enc.has_marker(b)?;
+    let mut con = console(b, &enc.console, enc.name)?;
+    let disk = con.run_ok(
+        "dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | tr -d '\\000' | head -c 40",
+    )?;
+    ensure!(
+        disk.contains(DISK_MARK),
+        "the disk lost what the guest wrote: {disk:?}"
+    );
+    drop(con);
+    std::fs::remove_file(shared.join("bad.vmsave"))?;
+    let (seen, found) = files_holding(&storage(&hosts)?, enc.marker.as_bytes())?;
+    ensure!(found.is_empty(), "the RAM marker is on storage: {found:?}");
+    eprintln!(
+        "saved_state: restored on vmc-b, RAM and disk intact; no marker in {seen} files; done at {:.0?}",
+        t0.elapsed()
+    );
     Ok(())
 }
+
+/// What the guest writes to its encrypted disk before the save.
+const DISK_MARK: &str = "VMCRYPT-DISK-7c41";

@@ -6,4 +6,5 @@ pub mod image;
 pub mod kms;
 pub mod lifecycle;
 pub mod migrate;
+pub mod saved;
 pub mod vm;
