@@ -25,6 +25,7 @@ apt-get install -y -q --reinstall "$deb" >/tmp/vmcrypt-package-check.log 2>&1 ||
 ok "installed $(dpkg-query -W -f '${Package} ${Version}' vmcrypt)"
 
 for f in /usr/bin/vmcrypt /usr/bin/vmcrypt-hook /usr/bin/vmcrypt-blk /usr/bin/vmcrypt-migrate \
+    /usr/libexec/vmcrypt/qemu-system-x86_64 \
     /etc/libvirt/hooks/qemu.d/vmcrypt; do
     [ -x "$f" ] || fail "$f is missing or not executable"
 done

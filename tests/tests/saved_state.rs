@@ -303,7 +303,39 @@ fn once() -> Result<()> {
     let (seen, found) = files_holding(&storage(&hosts)?, enc.marker.as_bytes())?;
     ensure!(found.is_empty(), "the RAM marker is on storage: {found:?}");
     eprintln!(
-        "saved_state: restored on vmc-b, RAM and disk intact; no marker in {seen} files; done at {:.0?}",
+        "saved_state: restored on vmc-b, RAM and disk intact; no marker in {seen} files, at {:.0?}",
+        t0.elapsed()
+    );
+
+    // What an administrator must not change: an encrypted VM's emulator.
+    // Set back to QEMU itself, `vmcrypt doctor` fails and the VM does not
+    // start; `vmcrypt encrypt` puts the guard back.
+    let doctor = String::from_utf8_lossy(&vmcrypt(a, &["doctor"])?.stdout).into_owned();
+    ensure!(
+        doctor.contains("ok   memory-guard"),
+        "vmcrypt doctor does not report the guard:\n{doctor}"
+    );
+    let xml = a.virsh(["dumpxml", "--inactive", "pln"])?.replace(
+        "/usr/libexec/vmcrypt/qemu-system-x86_64",
+        "/usr/bin/qemu-system-x86_64",
+    );
+    let edited = shared.join("pln-unguarded.xml");
+    std::fs::write(&edited, xml)?;
+    a.virsh(["define", &edited.display().to_string()])?;
+    let doctor = String::from_utf8_lossy(&vmcrypt(a, &["doctor"])?.stdout).into_owned();
+    ensure!(
+        doctor.contains("FAIL memory-guard") && doctor.contains("pln"),
+        "vmcrypt doctor misses the unguarded VM:\n{doctor}"
+    );
+    let err = match a.virsh(["start", "pln"]) {
+        Ok(_) => bail!("an encrypted VM without the guard started"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(err.contains("not vmcrypt's monitor guard"), "{err}");
+    vmcrypt_ok(a, &["encrypt", "pln"])?;
+    a.virsh(["start", "pln"])?;
+    eprintln!(
+        "saved_state: an unguarded encrypted VM: doctor fails, start refused; done at {:.0?}",
         t0.elapsed()
     );
     Ok(())

@@ -166,6 +166,66 @@ fn check_libvirt(out: &mut Vec<Check>) {
     }
 }
 
+/// The monitor guard is installed, and every encrypted domain runs under
+/// it: what keeps `virsh save`/`dump` from writing guest memory in
+/// plaintext (docs/saved-state.md).
+fn check_memory_guard() -> Check {
+    let guard = vmcrypt_cli::paths::qemu_guard_dir().join("qemu-system-x86_64");
+    if !is_executable(&guard) {
+        return bad(
+            Status::Fail,
+            "memory-guard",
+            format!("{} is missing", guard.display()),
+            "reinstall the vmcrypt package: encrypted VMs run only under its monitor guard",
+        );
+    }
+    let Ok(conn) = super::domain::connect() else {
+        return ok("memory-guard", format!("{} installed", guard.display()));
+    };
+    let doms = conn.list_all_domains(0).unwrap_or_default();
+    let mut unguarded = Vec::new();
+    let mut guarded = 0;
+    for d in doms {
+        let Ok(xml) = d.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE) else {
+            continue;
+        };
+        let encrypted = vmcrypt_core::domain::VmMetadata::from_domain_xml(&xml)
+            .map(|m| m.encrypted())
+            .unwrap_or(false);
+        if !encrypted {
+            continue;
+        }
+        let emulator = vmcrypt_cli::domxml::DomainDef::parse(&xml)
+            .ok()
+            .and_then(|d| d.emulator)
+            .unwrap_or_default();
+        if Path::new(&emulator).parent() == guard.parent() {
+            guarded += 1;
+        } else {
+            unguarded.push(d.name().unwrap_or_default());
+        }
+    }
+    if unguarded.is_empty() {
+        ok(
+            "memory-guard",
+            format!(
+                "{} installed; {guarded} encrypted domain(s) run under it",
+                guard.display()
+            ),
+        )
+    } else {
+        bad(
+            Status::Fail,
+            "memory-guard",
+            format!(
+                "encrypted domain(s) {} do not run under the monitor guard: virsh save/dump would write their memory in plaintext (the hook refuses to start them)",
+                unguarded.join(", ")
+            ),
+            format!("vmcrypt encrypt {} (while shut off)", unguarded.join(" ")),
+        )
+    }
+}
+
 fn check_vhost_user() -> Check {
     let qemu = ["/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm"]
         .into_iter()
@@ -447,6 +507,7 @@ fn check_conversions() -> Check {
 pub fn run(peers: &[String], json: bool) -> anyhow::Result<bool> {
     let mut checks = vec![check_hook()];
     check_libvirt(&mut checks);
+    checks.push(check_memory_guard());
     checks.push(check_vhost_user());
     checks.push(check_sockets());
     checks.push(check_apparmor());
