@@ -240,3 +240,105 @@ fn write_all(to: &OwnedFd, mut bytes: &[u8], fds: &mut Vec<OwnedFd>) -> rustix::
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    fn send_with_fd(to: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) {
+        let fds = [fd];
+        let mut space = [0u8; rustix::cmsg_space!(ScmRights(1))];
+        let mut anc = SendAncillaryBuffer::new(&mut space);
+        assert!(anc.push(SendAncillaryMessage::ScmRights(&fds)));
+        sendmsg(to, &[IoSlice::new(bytes)], &mut anc, SendFlags::empty()).unwrap();
+    }
+
+    fn recv_with_fds(from: &UnixStream) -> (Vec<u8>, usize) {
+        let mut buf = [0u8; 4096];
+        let mut space = [0u8; rustix::cmsg_space!(ScmRights(4))];
+        let mut anc = RecvAncillaryBuffer::new(&mut space);
+        let got = recvmsg(
+            from,
+            &mut [IoSliceMut::new(&mut buf)],
+            &mut anc,
+            RecvFlags::empty(),
+        )
+        .unwrap();
+        let mut n = 0;
+        for m in anc.drain() {
+            if let RecvAncillaryMessage::ScmRights(r) = m {
+                n += r.count();
+            }
+        }
+        (buf[..got.bytes].to_vec(), n)
+    }
+
+    fn line(from: &mut UnixStream) -> serde_json::Value {
+        let mut out = Vec::new();
+        let mut b = [0u8; 1];
+        while !out.ends_with(b"\n") {
+            assert_eq!(from.read(&mut b).unwrap(), 1, "closed early");
+            out.push(b[0]);
+        }
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    /// libvirt's save as QEMU would see it through the guard: the `getfd`
+    /// reaches QEMU with its descriptor, the `migrate` into it does not,
+    /// and libvirt gets the guard's error with its id. Other commands and
+    /// QEMU's replies pass unchanged, split anywhere.
+    #[test]
+    fn a_save_is_refused_and_the_rest_passes() {
+        let (mut libvirt, guard_side) = UnixStream::pair().unwrap();
+        let (guard_qemu, mut qemu) = UnixStream::pair().unwrap();
+        let relay = std::thread::spawn(move || {
+            let (l, q) = (OwnedFd::from(guard_side), OwnedFd::from(guard_qemu));
+            relay(&l, &q, &mut FdNames::default(), "t1")
+        });
+        // A command split across writes passes whole.
+        libvirt.write_all(br#"{"execute":"query-st"#).unwrap();
+        libvirt
+            .write_all(b"atus\",\"id\":\"libvirt-1\"}\r\n")
+            .unwrap();
+        assert_eq!(line(&mut qemu)["execute"], "query-status");
+        qemu.write_all(b"{\"return\": {\"running\": true}, \"id\": \"libvirt-1\"}\r\n")
+            .unwrap();
+        assert_eq!(line(&mut libvirt)["return"]["running"], true);
+        // getfd with a pipe: QEMU gets the command and the descriptor.
+        let (r, _w) = std::io::pipe().unwrap();
+        send_with_fd(
+            &libvirt,
+            b"{\"execute\":\"getfd\",\"arguments\":{\"fdname\":\"migrate\"},\"id\":\"libvirt-2\"}\r\n",
+            r.as_fd(),
+        );
+        let (bytes, fds) = recv_with_fds(&qemu);
+        assert!(String::from_utf8_lossy(&bytes).contains("getfd"));
+        assert_eq!(fds, 1, "the descriptor did not reach QEMU");
+        qemu.write_all(b"{\"return\": {}, \"id\": \"libvirt-2\"}\r\n")
+            .unwrap();
+        line(&mut libvirt);
+        // migrate into it: answered by the guard, never seen by QEMU.
+        libvirt
+            .write_all(b"{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"fd:migrate\"},\"id\":\"libvirt-3\"}\r\n")
+            .unwrap();
+        let reply = line(&mut libvirt);
+        assert_eq!(reply["id"], "libvirt-3");
+        assert!(reply["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .starts_with("vmcrypt: refused"));
+        libvirt
+            .write_all(b"{\"execute\":\"cont\",\"id\":\"libvirt-4\"}\r\n")
+            .unwrap();
+        assert_eq!(
+            line(&mut qemu)["execute"],
+            "cont",
+            "QEMU saw the refused migrate"
+        );
+        // Malformed bytes end the connection (libvirt never sends them).
+        libvirt.write_all(b"}}not json\r\n").unwrap();
+        assert!(matches!(relay.join().unwrap(), Err(RelayError::NotJson(_))));
+    }
+}
