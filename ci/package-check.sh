@@ -30,6 +30,8 @@ for f in /usr/bin/vmcrypt /usr/bin/vmcrypt-hook /usr/bin/vmcrypt-blk /usr/bin/vm
     [ -x "$f" ] || fail "$f is missing or not executable"
 done
 dpkg -L vmcrypt | grep -q 'vmcrypt-migrate.service$' || fail "no systemd unit in the package"
+dpkg -L vmcrypt | grep -q 'vmcrypt-guests.service$' || fail "no vmcrypt-guests unit in the package"
+[ -d /var/lib/vmcrypt/saved ] && [ "$(stat -c %a /var/lib/vmcrypt/saved)" = 700 ] || fail "/var/lib/vmcrypt/saved is not 0700"
 dpkg -L vmcrypt | grep -q 'tmpfiles.d/vmcrypt.conf$' || fail "no tmpfiles.d entry in the package"
 [ "$(stat -c %a /var/lib/vmcrypt)" = 700 ] || fail "/var/lib/vmcrypt is $(stat -c %a /var/lib/vmcrypt), not 0700"
 [ "$(stat -c %U /var/lib/vmcrypt)" = root ] || fail "/var/lib/vmcrypt is not root's"
@@ -42,8 +44,10 @@ ok "files in place; /var/lib/vmcrypt is root's 0700"
 # systemd on every machine this runs on, so the unit cannot be started here;
 # the daemon it runs is exercised by the end-to-end tests.
 if command -v systemd-analyze >/dev/null; then
-    out=$(systemd-analyze verify /lib/systemd/system/vmcrypt-migrate.service 2>&1) || fail "systemd-analyze verify: $out"
-    [ -z "$out" ] || fail "systemd-analyze verify: $out"
+    for u in vmcrypt-migrate.service vmcrypt-guests.service; do
+        out=$(systemd-analyze verify "/lib/systemd/system/$u" 2>&1) || fail "systemd-analyze verify $u: $out"
+        [ -z "$out" ] || fail "systemd-analyze verify $u: $out"
+    done
     exposure=$(systemd-analyze security --offline=yes /lib/systemd/system/vmcrypt-migrate.service 2>/dev/null | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
     ok "unit verified; systemd's exposure score ${exposure:-?} (0 = most sandboxed, 10 = none)"
 fi

@@ -166,9 +166,9 @@ impl Ctx {
 }
 
 /// One conversion: wall seconds and CPU seconds (user + system) of the child.
-struct Sample {
-    wall: f64,
-    cpu: f64,
+pub(crate) struct Sample {
+    pub(crate) wall: f64,
+    pub(crate) cpu: f64,
 }
 
 /// Runs the conversion benchmark.
@@ -322,7 +322,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs `cmd` (output to `log`), killed with us (PDEATHSIG); fails with the
 /// last line it logged.
-fn timed(mut cmd: Command, log: &Path) -> anyhow::Result<Sample> {
+pub(crate) fn timed(mut cmd: Command, log: &Path) -> anyhow::Result<Sample> {
     let out = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     cmd.stdin(Stdio::null())
         .stdout(out.try_clone()?)
@@ -354,7 +354,7 @@ fn timed(mut cmd: Command, log: &Path) -> anyhow::Result<Sample> {
 }
 
 /// The 1, 5 and 15 minute load averages.
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     let l = machine::read_trim("/proc/loadavg");
     l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
@@ -370,7 +370,7 @@ fn children_cpu() -> f64 {
 }
 
 /// Runs a short command, returning its stdout; fails with its stderr.
-fn run_quiet(cmd: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn run_quiet(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.stdin(Stdio::null()).output()?;
     if !out.status.success() {
         bail!("{}", String::from_utf8_lossy(&out.stderr).trim());

@@ -17,6 +17,7 @@ mod disk;
 mod machine;
 mod migrate;
 mod proc;
+mod save;
 mod stats;
 
 #[derive(Parser, Debug)]
@@ -37,6 +38,9 @@ enum Command {
     /// Converting a qcow2 image: vmcrypt image import (LUKS1, verified)
     /// against qemu-img convert to raw and to QEMU's LUKS, on tmpfs.
     Convert(convert::ConvertArgs),
+    /// Saving a VM: vmcrypt save of an encrypted VM against virsh save of
+    /// the same VM unencrypted (needs the installed package).
+    Save(save::SaveArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Command::Disk(args) => disk::run(args),
         Command::Migrate(args) => migrate::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Save(args) => save::run(args),
     };
     match result {
         Ok(code) => code,

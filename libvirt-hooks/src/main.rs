@@ -19,6 +19,14 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum GuestsAction {
+    /// Save (or shut down) every running encrypted VM.
+    Stop,
+    /// Restore every VM `stop` saved.
+    Start,
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Make and inspect encrypted (LUKS1) disk images.
     #[command(subcommand)]
@@ -93,6 +101,14 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Host shutdown and boot (vmcrypt-guests.service): `stop` saves every
+    /// running encrypted VM with `vmcrypt save` (or shuts it down, with
+    /// VMCRYPT_ON_SHUTDOWN=shutdown), before libvirt-guests runs; `start`
+    /// restores what `stop` saved.
+    Guests {
+        #[command(subcommand)]
+        action: GuestsAction,
     },
     /// Check that this host can run and migrate encrypted VMs; one line per
     /// check with the fix; exit status 1 when a check fails.
@@ -268,6 +284,10 @@ fn main() -> ExitCode {
             },
             json,
         ),
+        Command::Guests { action } => match action {
+            GuestsAction::Stop => commands::saved::guests_stop(),
+            GuestsAction::Start => commands::saved::guests_start(),
+        },
         Command::Doctor { peer, json } => match commands::doctor::run(&peer, json) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

@@ -335,10 +335,93 @@ fn once() -> Result<()> {
     vmcrypt_ok(a, &["encrypt", "pln"])?;
     a.virsh(["start", "pln"])?;
     eprintln!(
-        "saved_state: an unguarded encrypted VM: doctor fails, start refused; done at {:.0?}",
+        "saved_state: an unguarded encrypted VM: doctor fails, start refused, at {:.0?}",
+        t0.elapsed()
+    );
+
+    // Host shutdown and boot: the package's vmcrypt-guests.service, its
+    // ExecStop and ExecStart run as systemd would run them (PID 1 here is
+    // not systemd), with its EnvironmentFile.
+    let pln = &plain;
+    pln.put_marker(a)?;
+    a.virsh(["autostart", "pln"])?;
+    let unit = Unit::installed("vmcrypt-guests.service")?;
+    let uuid = a.virsh(["domuuid", "pln"])?.trim().to_string();
+    unit.run(a, "ExecStop")?;
+    ensure!(
+        !a.virsh(["list", "--name"])?.contains("pln"),
+        "pln still runs after the shutdown unit stopped: libvirt-guests would find it"
+    );
+    let file = a.outside(format!("/var/lib/vmcrypt/saved/{uuid}.vmsave"));
+    ensure!(
+        file.exists(),
+        "no {} after the shutdown unit",
+        file.display()
+    );
+    ensure!(
+        !file_contains(&file, pln.marker.as_bytes())?,
+        "the shutdown save holds the RAM marker"
+    );
+    ensure!(
+        a.virsh(["dominfo", "pln"])?
+            .contains("Autostart:      disable"),
+        "autostart left on: libvirtd would boot pln afresh before its state is restored"
+    );
+    unit.run(a, "ExecStart")?;
+    pln.has_marker(a)?;
+    ensure!(!file.exists(), "the restored file was left behind");
+    ensure!(
+        a.virsh(["dominfo", "pln"])?
+            .contains("Autostart:      enable"),
+        "autostart not restored"
+    );
+    eprintln!(
+        "saved_state: vmcrypt-guests.service stop/start saved and restored pln; done at {:.0?}",
         t0.elapsed()
     );
     Ok(())
+}
+
+/// A systemd unit file of the installed package, whose commands the test
+/// runs on a host as systemd would.
+struct Unit {
+    text: String,
+    env: Vec<(String, String)>,
+}
+
+impl Unit {
+    fn installed(name: &str) -> Result<Unit> {
+        let text = std::fs::read_to_string(Path::new("/lib/systemd/system").join(name))?;
+        let mut env = Vec::new();
+        for l in text.lines() {
+            if let Some(f) = l.strip_prefix("EnvironmentFile=") {
+                let f = f.trim_start_matches('-');
+                for e in std::fs::read_to_string(f).unwrap_or_default().lines() {
+                    let e = e.trim();
+                    if e.starts_with('#') || e.is_empty() {
+                        continue;
+                    }
+                    if let Some((k, v)) = e.split_once('=') {
+                        env.push((k.to_string(), v.trim_matches('"').to_string()));
+                    }
+                }
+            }
+        }
+        Ok(Unit { text, env })
+    }
+
+    fn run(&self, host: &Host, key: &str) -> Result<String> {
+        let line = self
+            .text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .ok_or_else(|| anyhow::anyhow!("the unit has no {key}"))?;
+        let argv: Vec<&str> = line.split_whitespace().collect();
+        let mut cmd = host.command(argv[0]);
+        cmd.args(&argv[1..])
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        host.run_ok(&mut cmd)
+    }
 }
 
 /// What the guest writes to its encrypted disk before the save.

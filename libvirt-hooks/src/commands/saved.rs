@@ -461,3 +461,144 @@ fn feed<R: Read>(
     fed?;
     restored.map_err(|e| anyhow::anyhow!("libvirt could not restore {name}: {e}"))
 }
+
+/// Where `vmcrypt guests stop` saves (`VMCRYPT_SAVE_DIR`, from
+/// /etc/default/vmcrypt-guests under systemd).
+fn guests_dir() -> PathBuf {
+    std::env::var_os("VMCRYPT_SAVE_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/vmcrypt/saved"))
+}
+
+/// The running domains that have an encrypted disk.
+fn running_encrypted(conn: &virt::connect::Connect) -> anyhow::Result<Vec<(String, String)>> {
+    let doms = conn
+        .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        .map_err(|e| anyhow::anyhow!("cannot list domains: {}", e.message()))?;
+    let mut out = Vec::new();
+    for d in doms {
+        let Ok(xml) = d.xml_desc(0) else { continue };
+        let encrypted = VmMetadata::from_domain_xml(&xml)
+            .map(|m| m.encrypted())
+            .unwrap_or(false);
+        if encrypted {
+            out.push((
+                d.name().unwrap_or_default(),
+                d.uuid_string().unwrap_or_default(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// `vmcrypt guests stop`: at host shutdown, before libvirt-guests.
+pub fn guests_stop() -> anyhow::Result<()> {
+    let mode = std::env::var("VMCRYPT_ON_SHUTDOWN").unwrap_or_else(|_| "save".into());
+    let conn = connect()?;
+    let vms = running_encrypted(&conn)?;
+    let mut failed = Vec::new();
+    match mode.as_str() {
+        "save" => {
+            let dir = guests_dir();
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .with_context(|| dir.display().to_string())?;
+            for (name, uuid) in &vms {
+                let file = dir.join(format!("{uuid}.vmsave"));
+                // libvirtd would start an autostart VM afresh at boot,
+                // before its saved state is restored: autostart goes off
+                // until `guests start` has restored it.
+                if let Some(d) = lookup(&conn, name) {
+                    if d.autostart().unwrap_or(false) && d.set_autostart(false).is_ok() {
+                        let _ = std::fs::write(dir.join(format!("{uuid}.autostart")), b"");
+                    }
+                }
+                if let Err(e) = save(name, &file, false) {
+                    eprintln!("vmcrypt: {name}: {e:#}");
+                    failed.push(name.clone());
+                }
+            }
+        }
+        "shutdown" => {
+            let timeout: u64 = std::env::var("VMCRYPT_SHUTDOWN_TIMEOUT")
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(300);
+            for (name, _) in &vms {
+                if let Some(d) = lookup(&conn, name) {
+                    let _ = d.shutdown();
+                }
+            }
+            let t0 = Instant::now();
+            for (name, _) in &vms {
+                let Some(d) = lookup(&conn, name) else {
+                    continue;
+                };
+                while d.is_active().unwrap_or(false) && t0.elapsed() < Duration::from_secs(timeout)
+                {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                if d.is_active().unwrap_or(false) {
+                    eprintln!("vmcrypt: {name} did not shut down in {timeout} s; destroyed");
+                    let _ = d.destroy();
+                }
+                println!("shut down {name}");
+            }
+        }
+        other => bail!("VMCRYPT_ON_SHUTDOWN={other}: save or shutdown"),
+    }
+    if !failed.is_empty() {
+        bail!("could not save {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// `vmcrypt guests start`: at boot, restores what `guests stop` saved; a
+/// restored file is removed, a file that fails stays (and is named).
+pub fn guests_start() -> anyhow::Result<()> {
+    let dir = guests_dir();
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    let mut files: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "vmsave"))
+        .collect();
+    files.sort();
+    let mut failed = Vec::new();
+    for f in files {
+        match restore(&f, None, false) {
+            Ok(()) => {
+                if let Err(e) = std::fs::remove_file(&f) {
+                    eprintln!("vmcrypt: restored, but cannot remove {}: {e}", f.display());
+                }
+                let mark = f.with_extension("autostart");
+                if mark.exists() {
+                    let uuid = f
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    if let Ok(d) = connect().and_then(|c| {
+                        c.lookup_domain_by_uuid_string(&uuid)
+                            .map_err(|e| anyhow::anyhow!("{}", e.message()))
+                    }) {
+                        let _ = d.set_autostart(true);
+                    }
+                    let _ = std::fs::remove_file(&mark);
+                }
+            }
+            Err(e) => {
+                eprintln!("vmcrypt: {e:#}");
+                failed.push(f.display().to_string());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("could not restore {} (kept)", failed.join(", "));
+    }
+    Ok(())
+}
