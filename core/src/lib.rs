@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod domain;
+pub mod fsutil;
 pub mod hardening;
 pub mod key;
 pub mod kms;

@@ -107,6 +107,59 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
     })
 }
 
+/// The supplementary groups of a connected unix socket's peer
+/// (`SO_PEERGROUPS`, Linux 4.13).
+pub fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+    // SAFETY: groups and len describe a writable buffer of len bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
+    Ok(groups)
+}
+
+/// The gid of a group, from the system's group database.
+pub fn group_gid(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getgrnam reads a NUL-terminated name; the returned record is
+    // only read here, before any other call that could reuse it.
+    let g = unsafe { libc::getgrnam(c.as_ptr()) };
+    if g.is_null() {
+        None
+    } else {
+        // SAFETY: g points to a valid group record (checked above).
+        Some(unsafe { (*g).gr_gid })
+    }
+}
+
+/// The group whose members may use vmcrypt's key operations besides root
+/// (DESIGN.md "Roles").
+pub const ADMIN_GROUP: &str = "vmcrypt-admin";
+
+/// Whether the peer of `fd` is root or a member of [`ADMIN_GROUP`]
+/// (primary or supplementary).
+pub fn peer_is_admin(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let cred = peer_cred(fd)?;
+    if cred.uid == 0 {
+        return Ok(true);
+    }
+    let Some(admin) = group_gid(ADMIN_GROUP) else {
+        return Ok(false);
+    };
+    Ok(cred.gid == admin || peer_groups(fd)?.contains(&admin))
+}
+
 /// Whether a peer may use a socket handed to `owner`: root, this
 /// process's own user, or the owner.
 pub fn peer_allowed(uid: u32, owner: Option<u32>) -> bool {

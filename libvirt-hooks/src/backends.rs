@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use vmcrypt_core::key::Passphrase;
 
-use crate::paths;
+use crate::paths::{self, DomainKey};
 use crate::qemu_user::QemuUser;
 
 /// One disk to serve.
@@ -147,28 +147,33 @@ impl KeyPipe {
     }
 }
 
-fn pid_file(domain: &str, target: &str) -> PathBuf {
-    paths::domain_dir(domain).join(format!("{target}.pid"))
+fn pid_file(key: &DomainKey, target: &str) -> PathBuf {
+    paths::domain_dir(key).join(format!("{}.pid", paths::file_component(target)))
 }
 
 /// The log file of one disk's backend.
 pub fn log_file(domain: &str, target: &str) -> PathBuf {
-    paths::log_dir().join(format!("{domain}-{target}.log"))
+    paths::log_dir().join(format!(
+        "{}-{}.log",
+        paths::file_component(domain),
+        paths::file_component(target)
+    ))
 }
 
 /// Starts a detached vmcrypt-blk for `disk` (encrypted when `pass` is
 /// given) and waits until it listens. Returns its pid.
 pub fn start(
     domain: &str,
+    key: &DomainKey,
     disk: &BackendSpec,
     pass: Option<&Passphrase>,
 ) -> Result<u32, BackendError> {
-    let dir = paths::domain_dir(domain);
+    let dir = paths::domain_dir(key);
     fs::create_dir_all(&dir).map_err(file_err(&dir))?;
     let logs = paths::log_dir();
     fs::create_dir_all(&logs).map_err(file_err(&logs))?;
     // A previous run of this domain that was not cleaned up (host crash).
-    stop_one(domain, &disk.target);
+    stop_one(key, &disk.target);
     if let Some(parent) = disk.socket.parent() {
         fs::create_dir_all(parent).map_err(file_err(parent))?;
     }
@@ -222,8 +227,9 @@ pub fn start(
     })?;
     drop(pipe);
     let pid = child.id();
-    let pf = pid_file(domain, &disk.target);
-    fs::write(&pf, format!("{pid}\n")).map_err(file_err(&pf))?;
+    let pf = pid_file(key, &disk.target);
+    vmcrypt_core::fsutil::replace(&pf, format!("{pid}\n").as_bytes(), 0o600)
+        .map_err(file_err(&pf))?;
     let wait = Duration::from_secs(15);
     let t0 = Instant::now();
     loop {
@@ -238,7 +244,7 @@ pub fn start(
             return Ok(pid);
         }
         if t0.elapsed() > wait {
-            stop_one(domain, &disk.target);
+            stop_one(key, &disk.target);
             return Err(BackendError::Timeout {
                 target: disk.target.clone(),
                 socket: disk.socket.display().to_string(),
@@ -303,8 +309,8 @@ fn alive_blk(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-fn stop_one(domain: &str, target: &str) {
-    let pf = pid_file(domain, target);
+fn stop_one(key: &DomainKey, target: &str) {
+    let pf = pid_file(key, target);
     let pid = fs::read_to_string(&pf)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok());
@@ -334,14 +340,14 @@ fn stop_pid(pid: i32) {
 
 /// Stops every backend of `domain` and forgets its runtime state. Returns
 /// how many were stopped.
-pub fn stop_all(domain: &str) -> usize {
-    let dir = paths::domain_dir(domain);
+pub fn stop_all(key: &DomainKey) -> usize {
+    let dir = paths::domain_dir(key);
     let mut n = 0;
     if let Ok(entries) = fs::read_dir(&dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(target) = name.strip_suffix(".pid") {
-                stop_one(domain, target);
+                stop_one(key, target);
                 n += 1;
             }
         }

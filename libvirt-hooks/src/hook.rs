@@ -21,7 +21,7 @@ use vmcrypt_migrate::control::{self, Request};
 
 use crate::backends::{self, BackendSpec};
 use crate::domxml::DomainDef;
-use crate::paths;
+use crate::paths::{self, DomainKey};
 use crate::qemu_user;
 
 /// A refusal or failure: one line for the `virsh` error.
@@ -40,7 +40,7 @@ pub fn run(guest: &str, op: &str, subop: &str, xml: &str) -> Result<Option<Strin
         ("migrate", "begin") => migrate_begin(xml),
         ("prepare", "begin") => prepare(xml).map(|()| None),
         ("stopped", "end") | ("release", "end") => {
-            cleanup(guest);
+            cleanup(guest, xml);
             Ok(None)
         }
         _ => Ok(None),
@@ -99,6 +99,7 @@ fn prepare(xml: &str) -> Result<(), Refusal> {
         return Ok(());
     }
     let why = format!("cannot start {}", def.name);
+    let key = domain_key(&def).map_err(|e| refuse(format!("{why}: {e}")))?;
     if meta.encrypted() {
         require_guard(&def, &why)?;
     }
@@ -124,13 +125,13 @@ fn prepare(xml: &str) -> Result<(), Refusal> {
             .iter()
             .position(|(t, _)| *t == d.target)
             .map(|i| keys.swap_remove(i).1);
-        match backends::start(&def.name, &spec, pass.as_ref()) {
+        match backends::start(&def.name, &key, &spec, pass.as_ref()) {
             Ok(pid) => tracing::info!(
                 domain = %def.name, disk = %d.target, pid,
                 encrypted = pass.is_some(), "started vmcrypt-blk"
             ),
             Err(e) => {
-                backends::stop_all(&def.name);
+                backends::stop_all(&key);
                 return Err(refuse(format!("{why}: {e}")));
             }
         }
@@ -205,9 +206,11 @@ fn migrate_begin(xml: &str) -> Result<Option<String>, Refusal> {
         tracing::warn!(domain = %name, "vmcrypt-migrate refused the announcement: {e}");
         return Ok(None);
     }
-    let dir = paths::domain_dir(name);
-    let _ = fs::create_dir_all(&dir);
-    let _ = fs::write(dir.join("incoming"), &uuid);
+    if let Ok(key) = domain_key(&def) {
+        let dir = paths::domain_dir(&key);
+        let _ = fs::create_dir_all(&dir);
+        let _ = vmcrypt_core::fsutil::replace(&dir.join("incoming"), uuid.as_bytes(), 0o600);
+    }
     tracing::info!(domain = %name, %uuid, policy = %meta.policy, encrypted = meta.encrypted(), "announced an incoming migration to vmcrypt-migrate");
     Ok(None)
 }
@@ -229,9 +232,25 @@ fn ensure_cluster_secret(meta: &VmMetadata) -> Result<(), String> {
         .ok_or_else(|| format!("key provider {name} has no cluster secret for migrations"))
 }
 
-fn cleanup(guest: &str) {
-    let n = backends::stop_all(guest);
-    let dir = paths::domain_dir(guest);
+/// The key of a domain's runtime state: its UUID, checked.
+fn domain_key(def: &DomainDef) -> Result<DomainKey, String> {
+    let uuid = def.uuid.as_deref().ok_or("its XML has no <uuid>")?;
+    DomainKey::new(uuid).ok_or_else(|| format!("its <uuid> {uuid:?} is not a UUID"))
+}
+
+fn cleanup(guest: &str, xml: &str) {
+    let key = match DomainDef::parse(xml)
+        .map_err(|e| e.to_string())
+        .and_then(|d| domain_key(&d))
+    {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(domain = %guest, "no runtime state to clean up: {e}");
+            return;
+        }
+    };
+    let n = backends::stop_all(&key);
+    let dir = paths::domain_dir(&key);
     if let Ok(uuid) = fs::read_to_string(dir.join("incoming")) {
         // A migration announced but never completed (the daemon forgets
         // completed ones itself).

@@ -52,10 +52,8 @@ impl Inventory {
         if let Some(d) = p.parent() {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
         }
-        let tmp = p.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&inv)?)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &p).with_context(|| format!("cannot write {}", p.display()))
+        vmcrypt_core::fsutil::replace(&p, serde_json::to_string_pretty(&inv)?.as_bytes(), 0o600)
+            .with_context(|| format!("cannot write {}", p.display()))
     }
 
     /// Images whose key lives on `provider`.

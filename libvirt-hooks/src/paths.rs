@@ -15,10 +15,53 @@ pub fn run_dir() -> PathBuf {
     env_or("VMCRYPT_RUN_DIR", "/run/vmcrypt")
 }
 
+/// A domain's UUID in canonical form (36 characters, lowercase hex and
+/// dashes): the key of its runtime state. Never its name, which libvirt
+/// takes from whoever defines the domain (`..` would reach outside).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainKey(String);
+
+impl DomainKey {
+    /// `None` unless `uuid` is a UUID.
+    pub fn new(uuid: &str) -> Option<DomainKey> {
+        let u = uuid.trim().to_ascii_lowercase();
+        let ok = u.len() == 36
+            && u.char_indices().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => c.is_ascii_hexdigit(),
+            });
+        ok.then_some(DomainKey(u))
+    }
+
+    /// The UUID.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Per-domain runtime state: pid files of its disk backends, the UUID of an
 /// announced incoming migration.
-pub fn domain_dir(name: &str) -> PathBuf {
-    run_dir().join("domains").join(name)
+pub fn domain_dir(key: &DomainKey) -> PathBuf {
+    run_dir().join("domains").join(&key.0)
+}
+
+/// `s` as one safe file-name component for logs: letters, digits, `.`,
+/// `_`, `-` kept, anything else `_`, and no leading dot.
+pub fn file_component(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.is_empty() || out.starts_with('.') {
+        out.insert(0, '_');
+    }
+    out
 }
 
 /// vmcrypt's monitor guard, one file per QEMU it runs (`qemu-system-x86_64`):
@@ -46,3 +89,27 @@ pub fn migrate_control() -> PathBuf {
 
 /// The migration daemon's network port on every host.
 pub const MIGRATE_PORT: u16 = 49200;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_is_keyed_by_uuid_and_names_cannot_climb() {
+        let k = DomainKey::new("6F0C2C6E-3c5e-4a4e-9f5e-0d1f1c2b3a4d").unwrap();
+        assert_eq!(k.as_str(), "6f0c2c6e-3c5e-4a4e-9f5e-0d1f1c2b3a4d");
+        for bad in [
+            "..",
+            "../../etc",
+            "6f0c2c6e-3c5e-4a4e-9f5e-0d1f1c2b3a4",
+            "6f0c2c6e/3c5e-4a4e-9f5e-0d1f1c2b3a4d",
+            "",
+        ] {
+            assert!(DomainKey::new(bad).is_none(), "{bad:?} accepted");
+        }
+        assert_eq!(file_component(".."), "_..");
+        assert_eq!(file_component("../x"), "_.._x");
+        assert_eq!(file_component("vm-1.a_b"), "vm-1.a_b");
+        assert_eq!(file_component(""), "_");
+    }
+}

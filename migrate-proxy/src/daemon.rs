@@ -5,8 +5,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,11 +95,14 @@ fn vm_of(req: &Request) -> Result<[u8; 16], String> {
     parse_uuid(v).ok_or_else(|| format!("{v:?} is not a UUID"))
 }
 
-/// Serves the control socket at `path` (mode 0600) until the process ends.
+/// Serves the control socket at `path` until the process ends: born mode
+/// 0600 (never a chmod after bind), and each peer checked to be root or in
+/// group vmcrypt-admin, so that a mode widened by mistake still lets nobody
+/// else in. (Handing the socket to vmcrypt-admin by its mode needs
+/// CAP_CHOWN in the sandboxed unit: with the roles, not before.)
 pub fn serve_control(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    use vmcrypt_core::unixsock;
+    let listener = unixsock::bind(path, 0o600, None)?;
     let _cleanup = RemoveOnDrop(path.to_path_buf());
     for conn in listener.incoming() {
         let conn = match conn {
@@ -110,6 +112,21 @@ pub fn serve_control(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
                 continue;
             }
         };
+        match unixsock::peer_is_admin(std::os::fd::AsFd::as_fd(&conn)) {
+            Ok(true) => {}
+            other => {
+                let who = unixsock::peer_cred(std::os::fd::AsFd::as_fd(&conn))
+                    .map(|c| format!("uid {} (pid {})", c.uid, c.pid))
+                    .unwrap_or_else(|_| "an unknown peer".into());
+                tracing::warn!(
+                    "control connection from {who} refused: not root or vmcrypt-admin ({other:?})"
+                );
+                let _ = (&conn).write_all(
+                    b"{\"ok\":false,\"error\":\"refused: only root and members of vmcrypt-admin may use this socket\"}\n",
+                );
+                continue;
+            }
+        }
         let daemon = daemon.clone();
         let _ = std::thread::Builder::new()
             .name("control".into())

@@ -348,3 +348,122 @@ fn prepare_starts_backends_and_stopped_stops_them() -> Result<()> {
     );
     Ok(())
 }
+
+/// A domain's name comes from whoever defined it. Runtime state is keyed
+/// by the UUID, so a domain named `..` cannot make the hook remove
+/// /run/vmcrypt, and its backend's log stays in vmcrypt's log folder.
+#[test]
+fn domain_names_cannot_reach_outside_vmcrypts_folders() -> Result<()> {
+    let h = Host::new("hook-names")?;
+    let run = h.path("run");
+    std::fs::create_dir_all(&run)?;
+    let canary = run.join("canary");
+    std::fs::write(&canary, b"keep me")?;
+    let plain = h.path("plain.img");
+    std::fs::File::create(&plain)?.set_len(8 << 20)?;
+    let sock = h.path("sock/vda.sock");
+    for name in ["..", "../..", "../log-escape"] {
+        let disk = format!(
+            "<vmcrypt:disk target=\"vda\" image=\"{}\"/>",
+            plain.display()
+        );
+        let xml = domain(name, &sock, &vm("opportunistic", &disk, "")).replace(
+            &format!("<name>{name}</name>"),
+            &format!("<name>{}</name>", xml_escape(name)),
+        );
+        let out = h.hook(name, "prepare", "begin", &xml)?;
+        ensure!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = h.hook(name, "stopped", "end", &xml)?;
+        ensure!(out.status.success(), "{name}: stopped end failed");
+        ensure!(
+            canary.exists(),
+            "the hook for a domain named {name:?} removed {}",
+            run.display()
+        );
+    }
+    ensure!(
+        !h.path("log-escape-vda.log").exists(),
+        "a backend log was written outside the log folder"
+    );
+    ensure!(
+        std::fs::read_dir(h.path("log"))?.count() >= 1,
+        "no backend log in the log folder"
+    );
+    Ok(())
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;")
+}
+
+/// The migration daemon's control socket answers root (and vmcrypt-admin)
+/// only: born 0600, and each peer checked, so that a
+/// mode widened by mistake still lets nobody else announce or forget
+/// migrations.
+#[test]
+fn the_control_socket_answers_only_root_and_vmcrypt_admin() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Host::new("hook-control")?;
+    let _daemon = h.daemon()?;
+    let ctl = h.path("run/migrate.sock");
+    let mode = std::fs::metadata(&ctl)?.permissions().mode() & 0o777;
+    ensure!(
+        mode & 0o007 == 0,
+        "the control socket is open to others: {mode:o}"
+    );
+    // Widen it (an operator's mistake), and let anyone reach it.
+    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o666))?;
+    let mut dir = ctl.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        if d == Path::new("/tmp") || d == Path::new("/") {
+            break;
+        }
+        let m = std::fs::metadata(&d)?.permissions().mode();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(m | 0o011))?;
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    let ask = |as_nobody: bool| -> Result<String> {
+        let script = format!(
+            "import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\ntry:\n    s.sendall(b'{{\"op\":\"ping\"}}\\n')\nexcept OSError:\n    pass\nprint(s.makefile().readline())",
+            ctl.display().to_string()
+        );
+        let mut c = if as_nobody {
+            let mut c = std::process::Command::new("setpriv");
+            c.args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+            ]);
+            c
+        } else {
+            let mut c = std::process::Command::new("/usr/bin/python3");
+            c.arg("-c");
+            c
+        };
+        let out = c.arg(&script).output()?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    };
+    let root = ask(false)?;
+    ensure!(
+        root.contains("\"ok\":true"),
+        "root was not answered: {root}"
+    );
+    let nobody = ask(true)?;
+    ensure!(
+        nobody.contains("refused") && !nobody.contains("\"ok\":true"),
+        "uid 65534 was answered: {nobody}"
+    );
+    Ok(())
+}

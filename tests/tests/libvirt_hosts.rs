@@ -118,7 +118,12 @@ fn still_on_source(dom: &TestDomain, src: &Host, dst: &Host, con: &mut Console) 
         dst.name
     );
     // The destination's hook stopped its backends and forgot the migration.
-    let left = dst.outside(format!("/run/vmcrypt/domains/{}", dom.name));
+    // (Keyed by the domain's UUID, not its name.)
+    let uuid = src
+        .virsh(["domuuid", dom.name.as_str()])?
+        .trim()
+        .to_string();
+    let left = dst.outside(format!("/run/vmcrypt/domains/{uuid}"));
     let t0 = Instant::now();
     while left.exists() && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(100));

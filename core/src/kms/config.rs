@@ -146,9 +146,8 @@ impl Providers {
             std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         }
         let text = serde_json::to_string_pretty(self).map_err(|e| err(e.to_string()))?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| err(e.to_string()))?;
-        std::fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))
+        // Root only: it names the key servers and the client key's file.
+        crate::fsutil::replace(&path, text.as_bytes(), 0o600).map_err(|e| err(e.to_string()))
     }
 
     /// Adds a provider.

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -90,6 +90,7 @@ impl LocalProvider {
             .truncate(false)
             .write(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&lock_path)
             .map_err(|e| self.err(format!("cannot open its lock file: {e}")))?;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
@@ -133,27 +134,8 @@ impl LocalProvider {
 
     fn save(&self, store: &Store) -> Result<(), ProviderError> {
         let text = Zeroizing::new(serde_json::to_string_pretty(store).map_err(|e| self.err(e))?);
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| self.err(format!("cannot write it: {e}")))?;
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| self.err(format!("cannot write it: {e}")))?;
-        std::fs::rename(&tmp, &self.path)
-            .map_err(|e| self.err(format!("cannot replace it: {e}")))?;
-        if let Some(dir) = self.path.parent() {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        crate::fsutil::replace(&self.path, text.as_bytes(), 0o600)
+            .map_err(|e| self.err(format!("cannot write it: {e}")))
     }
 
     fn update<T>(

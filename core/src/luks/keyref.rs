@@ -87,10 +87,7 @@ pub fn write(image: &Path, file: &File, header: &Header, r: &KeyRef) -> Result<(
         }
         Location::Sidecar(p) => {
             let json = serde_json::json!({"provider": r.provider, "key_id": r.key_id}).to_string();
-            let mut tmp = p.clone().into_os_string();
-            tmp.push(".tmp");
-            std::fs::write(&tmp, json)?;
-            std::fs::rename(&tmp, &p)?;
+            crate::fsutil::replace(&p, json.as_bytes(), 0o600)?;
         }
     }
     Ok(())
