@@ -26,6 +26,8 @@ command -v virt-install >/dev/null || need+=(virtinst)
 command -v apparmor_parser >/dev/null || need+=(apparmor)
 command -v setpriv >/dev/null || need+=(util-linux)
 [ -x /usr/bin/python3 ] || need+=(python3)
+# LUKS interop: cryptsetup reads vmcrypt's images (tests/tests/luks_interop.rs).
+command -v cryptsetup >/dev/null || need+=(cryptsetup-bin)
 # Transparent migration: the daemon's netfilter rules (the package depends
 # on iptables too), and OpenStack Nova's libvirt calls replayed through the
 # libvirt Python binding (tests/scripts/nova_live_migrate.py).
@@ -39,16 +41,24 @@ if [ ! -x "$PYKMIP_VENV/bin/pykmip-server" ]; then
     dpkg -s python3-venv >/dev/null 2>&1 || need+=(python3-venv)
 fi
 
-if [ ${#need[@]} -gt 0 ]; then
-    echo "install-deps: installing ${need[*]}"
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${need[@]}"
-fi
 # qemu-img/qemu-io must match QEMU 7.2 (and exist at all after the trap).
+# Some images carry a manually installed qemu-utils 10 that Breaks
+# qemu-system-common 7.2; apt will not resolve that by itself ("Resolve
+# generated breaks"), so the 7.2 qemu-utils is named with its version and
+# installed in the same transaction, as a downgrade.
 if ! command -v qemu-io >/dev/null || ! qemu-img --version | grep -q "version 7\."; then
-    echo "install-deps: installing qemu-utils matching QEMU"
+    need+=(qemu-utils)
+fi
+if [ ${#need[@]} -gt 0 ]; then
     apt-get update -q
-    apt-get install -y -q --no-install-recommends qemu-utils
+    qemu7=$(apt-cache madison qemu-utils | awk -F'|' '$2 ~ /^ *1:7\./ {gsub(/ /, "", $2); print $2; exit}')
+    for i in "${!need[@]}"; do
+        if [ "${need[$i]}" = qemu-utils ] && [ -n "$qemu7" ]; then
+            need[$i]="qemu-utils=$qemu7"
+        fi
+    done
+    echo "install-deps: installing ${need[*]}"
+    apt-get install -y -q --no-install-recommends --allow-downgrades "${need[@]}"
 fi
 # PyKMIP, the KMIP server the tests start (tests/src/kmip.rs; VMCRYPT_PYKMIP
 # points elsewhere if wanted).
