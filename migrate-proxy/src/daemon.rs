@@ -244,6 +244,30 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             .spawn(move || t.serve_network(network))
             .context("cannot start a thread")?;
     }
+    // The monitor guards' unix path, beside the control socket (the
+    // default control socket, /run/vmcrypt/migrate.sock, puts it at
+    // GUARD_SOCKET). Mode
+    // 0666: the sandboxed daemon cannot chown it to QEMU's user, so each
+    // peer's uid is checked instead. Without it guards fall back to the
+    // intercepted TCP path.
+    let guard_path = crate::transparent::guard_socket_for(&opts.control);
+    match vmcrypt_core::unixsock::bind(&guard_path, 0o666, None) {
+        Ok(l) => {
+            let t = transparent.clone();
+            let cleanup = RemoveOnDrop(guard_path.clone());
+            std::thread::Builder::new()
+                .name("guards".into())
+                .spawn(move || {
+                    let _cleanup = cleanup;
+                    t.serve_guards(l)
+                })
+                .context("cannot start a thread")?;
+        }
+        Err(e) => tracing::warn!(
+            "cannot listen on {}: {e}; encrypted VMs' migrations take the intercepted TCP path",
+            guard_path.display()
+        ),
+    }
     for l in intercepts {
         let t = transparent.clone();
         std::thread::Builder::new()
@@ -263,6 +287,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                     r.remove(Family::V6);
                 }
                 let _ = std::fs::remove_file(&control);
+                let _ = std::fs::remove_file(crate::transparent::guard_socket_for(&control));
                 std::process::exit(0);
             })
             .context("cannot start a thread")?;

@@ -19,6 +19,14 @@
 //! All connections of one QEMU to one destination port form one migration
 //! (main channel, multifd channels); the first decides how all travel.
 //!
+//! **Source, the guard's unix path.** An encrypted VM's QEMU runs under
+//! vmcrypt's monitor guard (`vmcrypt-qemu`). When libvirt hands QEMU a TCP
+//! socket to another host's migration port, the guard asks this daemon for
+//! a unix connection instead ([`GUARD_SOCKET`], [`GUARD_HELLO`]) and gives
+//! QEMU that: the same migration, decided and carried the same way, minus
+//! the loopback TCP leg's cost (docs/benchmarks.md). The TCP socket libvirt
+//! made is closed unused; its intercepted connection ends without data.
+//!
 //! **Destination.** The libvirt hook announces each incoming VM
 //! ([`Transparent::expect`]). A daemon connection must name an announced VM
 //! whose QEMU listens on the named port, and hold the same cluster secret.
@@ -70,6 +78,27 @@ const EXPECT_TTL: Duration = Duration::from_secs(3600);
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a later connection waits for the first one's decision.
 const DECISION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the monitor guard of an encrypted VM's QEMU asks for its
+/// migration connection (mode 0666: the daemon checks each peer's uid,
+/// since the sandboxed daemon cannot chown it to QEMU's user).
+pub const GUARD_SOCKET: &str = "/run/vmcrypt/migrate-out.sock";
+/// The guard socket of a daemon whose control socket is `control`:
+/// `NAME-out.sock` beside `NAME.sock`.
+pub fn guard_socket_for(control: &std::path::Path) -> std::path::PathBuf {
+    let stem = control
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "migrate".into());
+    control.with_file_name(format!("{stem}-out.sock"))
+}
+
+/// The guard's request: this, the original destination (`IP:PORT`), `\n`.
+pub const GUARD_HELLO: &str = "vmcrypt-migrate-out 1 ";
+/// The daemon's answer once it has identified the VM; then QEMU's stream.
+pub const GUARD_READY: &[u8] = b"ready\n";
+/// How long the guard's request may take.
+const GUARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What this host's daemon intercepts.
 #[derive(Clone, Debug)]
@@ -357,6 +386,20 @@ impl Transparent {
                 if let Some(q) = procnet::qemu_of_connection(peer, orig, me.cfg.qemu_uid) {
                     break q;
                 }
+                if ended_unused(&conn) {
+                    // libvirt's socket, given to a guard that took the unix
+                    // path instead and closed it.
+                    tracing::debug!(%peer, %orig, "an intercepted connection closed without data");
+                    if index == 0 {
+                        let _ = group.decision.set(Decision::Failed("closed unused".into()));
+                        group.main_done.store(true, Ordering::Release);
+                        let mut out = lock(&me.out);
+                        if out.get(&orig).is_some_and(|g| Arc::ptr_eq(g, &group)) {
+                            out.remove(&orig);
+                        }
+                    }
+                    return;
+                }
                 if t0.elapsed() > IDENTIFY_TIMEOUT {
                     tracing::warn!(%peer, %orig, "an intercepted migration connection never reached a libvirt QEMU; closed");
                     if index == 0 {
@@ -367,19 +410,84 @@ impl Transparent {
                 }
                 std::thread::sleep(Duration::from_millis(10));
             };
-            me.carry_out(conn, &qemu, orig, &group, index)
+            me.carry_out(Stream::Tcp(conn), &qemu, orig, &group, index)
         });
+    }
+
+    /// Serves the monitor guards' unix listener ([`GUARD_SOCKET`]).
+    pub fn serve_guards(self: &Arc<Self>, listener: std::os::unix::net::UnixListener) {
+        loop {
+            match listener.accept() {
+                Ok((c, _)) => {
+                    let me = self.clone();
+                    spawn("out-guard", move || me.from_guard(c));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!("guard accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// One migration connection asked for by a QEMU's monitor guard: the
+    /// peer must be QEMU's user, and a libvirt QEMU (or its guard) whose
+    /// command line names the domain; the destination must be a migration
+    /// port. Then it is carried as an intercepted connection would be.
+    fn from_guard(self: &Arc<Self>, conn: std::os::unix::net::UnixStream) {
+        use std::os::fd::AsFd;
+        let cred = match vmcrypt_core::unixsock::peer_cred(conn.as_fd()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("a guard connection whose credentials cannot be read: {e}");
+                return;
+            }
+        };
+        let who = format!("pid {} uid {}", cred.pid, cred.uid);
+        if cred.uid != self.cfg.qemu_uid && cred.uid != 0 {
+            tracing::warn!(%who, "refused a guard connection: not QEMU's user");
+            return;
+        }
+        let Some(qemu) = u32::try_from(cred.pid).ok().and_then(procnet::qemu_process) else {
+            tracing::warn!(%who, "refused a guard connection: not a libvirt QEMU");
+            return;
+        };
+        let _ = conn.set_read_timeout(Some(GUARD_TIMEOUT));
+        let orig = match read_guard_hello(&conn) {
+            Ok(a) => procnet::canonical(a),
+            Err(why) => {
+                tracing::warn!(vm = %qemu.name, "refused a guard connection: {why}");
+                return;
+            }
+        };
+        if !(self.cfg.ports.0..=self.cfg.ports.1).contains(&orig.port()) {
+            tracing::warn!(vm = %qemu.name, %orig, "refused a guard connection: not a migration port");
+            return;
+        }
+        let _ = conn.set_read_timeout(None);
+        let _ = socket2::SockRef::from(&conn).set_recv_buffer_size(LOOPBACK_BUF);
+        let _ = socket2::SockRef::from(&conn).set_send_buffer_size(LOOPBACK_BUF);
+        if (&conn).write_all(GUARD_READY).is_err() {
+            return;
+        }
+        tracing::debug!(vm = %qemu.name, %orig, "migration connection from the monitor guard");
+        // QEMU cannot open more channels on a descriptor (multifd needs a
+        // tcp: URI, which takes the intercepted path): one connection, one
+        // migration.
+        let group = OutGroup::new();
+        group.next_index.store(1, Ordering::Release);
+        self.carry_out(Stream::Unix(conn), &qemu, orig, &group, 0)
     }
 
     fn carry_out(
         self: &Arc<Self>,
-        local: TcpStream,
+        local: Stream,
         qemu: &QemuProcess,
         orig: SocketAddr,
         group: &Arc<OutGroup>,
         index: u32,
     ) {
-        let local = Stream::Tcp(local);
         if index == 0 {
             let d = self.decide_and_open(&local, qemu, orig);
             let (decision, first) = match d {
@@ -568,7 +676,12 @@ impl Transparent {
                 let outcome = mig.wait_outcome(GRACE);
                 me.finish_record(vm, mig, outcome);
             }
-            lock(&me.out).remove(&key);
+            // A guard's migration is not in the map; another migration to
+            // the same place may be.
+            let mut out = lock(&me.out);
+            if out.get(&key).is_some_and(|g| Arc::ptr_eq(g, &group)) {
+                out.remove(&key);
+            }
         });
     }
 
@@ -832,11 +945,50 @@ impl Transparent {
     }
 }
 
+/// Reads the guard's request line (byte by byte: nothing of QEMU's stream
+/// may be read with it) and returns the destination it names.
+fn read_guard_hello(mut conn: &std::os::unix::net::UnixStream) -> Result<SocketAddr, String> {
+    let mut line = Vec::with_capacity(64);
+    let mut b = [0u8; 1];
+    loop {
+        match conn.read(&mut b) {
+            Ok(0) => return Err("closed before its request".into()),
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if line.len() >= 128 => return Err("request too long".into()),
+            Ok(_) => line.push(b[0]),
+            Err(e) => return Err(format!("reading its request: {e}")),
+        }
+    }
+    parse_guard_hello(&line)
+}
+
+/// `GUARD_HELLO` + `IP:PORT`.
+fn parse_guard_hello(line: &[u8]) -> Result<SocketAddr, String> {
+    let text = std::str::from_utf8(line).map_err(|_| "request is not text".to_string())?;
+    let addr = text
+        .strip_prefix(GUARD_HELLO)
+        .ok_or_else(|| "not a vmcrypt-migrate-out request".to_string())?;
+    addr.parse().map_err(|_| format!("{addr:?} is not IP:PORT"))
+}
+
 fn group_mig(g: &OutGroup) -> Option<&Arc<Migration>> {
     match g.decision.get()? {
         Decision::Encrypted(m) | Decision::Plain(m) => Some(m),
         Decision::Failed(_) => None,
     }
+}
+
+/// Whether the peer closed a connection before sending anything.
+fn ended_unused(conn: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        rustix::net::recv(
+            conn,
+            &mut b,
+            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT
+        ),
+        Ok(0)
+    )
 }
 
 /// Connects (as this daemon, so not redirected again) to the original

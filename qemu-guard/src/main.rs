@@ -18,6 +18,7 @@
 //! capability probes, `-version`) it only runs QEMU.
 
 mod cmdline;
+mod migrate_out;
 mod policy;
 mod relay;
 mod save;

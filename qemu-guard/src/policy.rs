@@ -10,7 +10,10 @@
 //!
 //! QEMU's migration commands get their target as a URI. `fd:NAME` names a
 //! descriptor libvirt passed earlier with `getfd`; the guard looked at that
-//! descriptor when it went by ([`FdKind`]).
+//! descriptor when it went by ([`FdKind`]). A TCP socket to another host
+//! may have been replaced by the guard with a unix connection to
+//! vmcrypt-migrate ([`FdKind::Tunnel`], see `migrate_out.rs`): the one unix
+//! socket a migration may use, since only the guard makes it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, ToSocketAddrs};
@@ -22,6 +25,9 @@ use serde_json::Value;
 pub enum FdKind {
     /// A TCP socket connected to another host.
     TcpRemote,
+    /// A connection to vmcrypt-migrate's unix path, which the guard put in
+    /// place of a [`FdKind::TcpRemote`] (see `migrate_out.rs`).
+    Tunnel,
     /// A TCP socket connected to this host (not intercepted).
     TcpLoopback,
     /// A TCP socket that is not connected (QEMU cannot migrate over it).
@@ -129,7 +135,7 @@ impl FdNames {
         };
         if let Some(name) = uri.strip_prefix("fd:") {
             return match self.get(name) {
-                Some(FdKind::TcpRemote) => Verdict::Allow,
+                Some(FdKind::TcpRemote | FdKind::Tunnel) => Verdict::Allow,
                 Some(FdKind::Pipe) => refuse(
                     "a migration into a pipe (save, managedsave, dump, memory snapshot, --tunnelled)",
                 ),

@@ -19,6 +19,7 @@ use rustix::net::{
 };
 use serde_json::Value;
 
+use crate::migrate_out;
 use crate::policy::{error_reply, is_local, Command, FdKind, FdNames, Verdict};
 
 /// A libvirt command larger than this is not QMP; the connection is cut.
@@ -190,8 +191,15 @@ fn forward(
             Ok(cmd) => match names.decide(&cmd) {
                 Verdict::Allow => {
                     let getfd = cmd.getfd_name().map(str::to_owned);
-                    let kind = with.first().map(|f| classify(f.as_fd()));
+                    let mut kind = with.first().map(|f| classify(f.as_fd()));
                     let mut with = with;
+                    if getfd.is_some() && kind == Some(FdKind::TcpRemote) && with.len() == 1 {
+                        if let Some(unix) = unix_path(&with[0], name) {
+                            // libvirt's socket is closed unused here.
+                            with = vec![unix];
+                            kind = Some(FdKind::Tunnel);
+                        }
+                    }
                     write_all(qemu, &bytes, &mut with).map_err(io("writing to QEMU"))?;
                     if let (Some(n), Some(k)) = (getfd, kind) {
                         names.add(&n, k);
@@ -208,6 +216,23 @@ fn forward(
                     .map_err(io("writing to libvirt"))?;
                 }
             },
+        }
+    }
+}
+
+/// A migration connection through vmcrypt-migrate's unix path to where
+/// libvirt's socket `tcp` goes; `None` (and a line in QEMU's log) when the
+/// daemon does not give one.
+fn unix_path(tcp: &OwnedFd, name: &str) -> Option<OwnedFd> {
+    let dest = migrate_out::destination(tcp.as_fd())?;
+    match migrate_out::connect(dest) {
+        Ok(fd) => {
+            eprintln!("vmcrypt-qemu: {name}: migration to {dest} over vmcrypt-migrate's unix path");
+            Some(fd)
+        }
+        Err(e) => {
+            eprintln!("vmcrypt-qemu: {name}: vmcrypt-migrate's unix path to {dest}: {e}; QEMU uses libvirt's connection");
+            None
         }
     }
 }
@@ -340,5 +365,41 @@ mod tests {
         // Malformed bytes end the connection (libvirt never sends them).
         libvirt.write_all(b"}}not json\r\n").unwrap();
         assert!(matches!(relay.join().unwrap(), Err(RelayError::NotJson(_))));
+    }
+
+    /// libvirt's migration socket to another host: with vmcrypt-migrate's
+    /// guard socket answering, QEMU gets a unix connection to it (which
+    /// asked for libvirt's destination) and the migrate into it passes;
+    /// without it, QEMU gets libvirt's TCP socket.
+    #[test]
+    fn a_migration_socket_is_swapped_for_the_daemons_unix_path() {
+        use std::io::BufRead;
+        let dir = std::env::temp_dir().join(format!("vmcrypt-guard-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("migrate-out.sock");
+        std::env::set_var("VMCRYPT_MIGRATE_OUT_SOCKET", &path);
+        // unix_path asks for wherever the socket goes (the relay calls it
+        // only for sockets to another host): a loopback one will do here.
+        let daemon = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let asked = std::thread::spawn(move || {
+            let (c, _) = daemon.accept().unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(&c).read_line(&mut line).unwrap();
+            (&c).write_all(b"ready\n").unwrap();
+            (line, c)
+        });
+        let tcp_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dest = tcp_listener.local_addr().unwrap();
+        let tcp = std::net::TcpStream::connect(dest).unwrap();
+        let fd = unix_path(&OwnedFd::from(tcp.try_clone().unwrap()), "t2")
+            .expect("the daemon's unix path");
+        let (line, _conn) = asked.join().unwrap();
+        assert_eq!(line, format!("vmcrypt-migrate-out 1 {dest}\n"));
+        assert_eq!(classify(fd.as_fd()), FdKind::Unix);
+        // No daemon: no swap, libvirt's socket stays.
+        std::fs::remove_file(&path).unwrap();
+        assert!(unix_path(&OwnedFd::from(tcp), "t2").is_none());
+        std::env::remove_var("VMCRYPT_MIGRATE_OUT_SOCKET");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -231,6 +231,14 @@ fn once() -> Result<()> {
         &enc,
     )?;
     enc.has_marker(b)?;
+    // Its monitor guard gave QEMU a unix connection to vmcrypt-migrate in
+    // place of libvirt's TCP socket (the faster path, docs/migration.md).
+    let qlog =
+        std::fs::read_to_string(a.outside("/var/log/libvirt/qemu/enc.log")).unwrap_or_default();
+    ensure!(
+        qlog.contains("over vmcrypt-migrate's unix path"),
+        "the encrypted VM's guard did not take vmcrypt-migrate's unix path:\n{qlog}"
+    );
     encrypted(
         "encrypted VM, --p2p with multifd (--parallel --parallel-connections 2)",
         virsh_migrate(
@@ -323,12 +331,16 @@ fn once() -> Result<()> {
     opp.has_marker(a)?;
     drop(_uffd);
 
-    // The source's interception removed (its rules flushed): the encrypted
-    // VM arrives at vmc-b plain, which refuses it; it keeps running on A.
+    // The source's interception removed (its rules flushed, and the
+    // guards' socket out of reach, so the guard falls back to libvirt's
+    // TCP socket): the encrypted VM arrives at vmc-b plain, which refuses
+    // it; it keeps running on A.
     a.run_ok(
         a.command("iptables")
             .args(["-w", "-t", "nat", "-F", "VMCRYPT-MIGRATE-OUT"]),
     )?;
+    let guards = a.outside("/run/vmcrypt/migrate-out.sock");
+    std::fs::rename(&guards, guards.with_extension("off"))?;
     let err = refused(
         "encrypted VM, source interception removed",
         virsh_migrate(a, b, &enc, &[])?,
@@ -338,6 +350,13 @@ fn once() -> Result<()> {
     )?;
     eprintln!("transparent: {err}");
     enc.has_marker(a)?;
+    std::fs::remove_file(guards.with_extension("off"))?;
+    let qlog =
+        std::fs::read_to_string(a.outside("/var/log/libvirt/qemu/enc.log")).unwrap_or_default();
+    ensure!(
+        qlog.contains("QEMU uses libvirt's connection"),
+        "the guard did not say it fell back to libvirt's connection:\n{qlog}"
+    );
     let blog = std::fs::read_to_string(b.dir().join("vmcrypt-migrate.log")).unwrap_or_default();
     ensure!(
         blog.contains("enc must migrate encrypted"),

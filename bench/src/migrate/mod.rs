@@ -107,20 +107,28 @@ pub enum Mode {
     Relay,
     /// QEMU to QEMU with `tls-creds-x509` on both sides.
     Tls,
-    /// QEMU migrates to the other host's address as libvirt makes it; the
-    /// two hosts' `vmcrypt-migrate daemon`s intercept the connection and
-    /// carry it encrypted (the path of every libvirt migration between
-    /// vmcrypt hosts; two network namespaces play the hosts).
+    /// An encrypted VM's libvirt migration between two vmcrypt hosts (two
+    /// network namespaces play the hosts): the source QEMU runs under
+    /// vmcrypt's monitor guard, and as libvirt does the benchmark connects
+    /// to the destination's migration port and hands QEMU the socket with
+    /// `getfd`; the guard gives QEMU a unix connection to the source's
+    /// `vmcrypt-migrate daemon` in its place, which carries it encrypted
+    /// to the destination's daemon.
     Transparent,
+    /// The same hosts and daemons, but QEMU connects itself (`tcp:` URI)
+    /// and the daemon intercepts that connection: the path of a plain
+    /// `opportunistic` VM (no guard), and of multifd channels.
+    TransparentTcp,
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [
+    const ALL: [Mode; 6] = [
         Mode::Direct,
         Mode::Encrypted,
         Mode::Relay,
         Mode::Tls,
         Mode::Transparent,
+        Mode::TransparentTcp,
     ];
 
     /// Name for tables.
@@ -131,6 +139,7 @@ impl Mode {
             Mode::Relay => "vmcrypt disabled",
             Mode::Tls => "QEMU native TLS",
             Mode::Transparent => "vmcrypt transparent",
+            Mode::TransparentTcp => "vmcrypt transp. TCP",
         }
     }
 
@@ -142,11 +151,17 @@ impl Mode {
             Mode::Relay => "relay",
             Mode::Tls => "tls",
             Mode::Transparent => "transparent",
+            Mode::TransparentTcp => "transparent-tcp",
         }
     }
 
     fn proxied(self) -> bool {
         matches!(self, Mode::Encrypted | Mode::Relay)
+    }
+
+    /// Through the two namespaced hosts' daemons.
+    fn transparent(self) -> bool {
+        matches!(self, Mode::Transparent | Mode::TransparentTcp)
     }
 }
 
@@ -280,17 +295,25 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = &args.perf_dir {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    let hosts = if modes.contains(&Mode::Transparent) {
+    let hosts = if modes.iter().any(|m| m.transparent()) {
         let bins = proc::release_binaries(
             args.bin_dir.as_deref(),
             &[
                 ("vmcrypt-migrate", "vmcrypt-migrate"),
                 ("vmcrypt-cli", "vmcrypt"),
+                ("vmcrypt-qemu", "vmcrypt-qemu"),
             ],
         )?;
         Some(
-            transparent::Hosts::up(&scratch.path, &bins[0], &bins[1], (src_cpu, dst_cpu))
-                .context("setting up the two hosts of the transparent mode")?,
+            transparent::Hosts::up(
+                &scratch.path,
+                &bins[0],
+                &bins[1],
+                &bins[2],
+                &args.qemu,
+                (src_cpu, dst_cpu),
+            )
+            .context("setting up the two hosts of the transparent mode")?,
         )
     } else {
         None
@@ -322,8 +345,8 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             };
             // The daemons carry QEMU's own TCP connection: no choice there,
             // and the difference shows in the proxies' CPU time.
-            if modes.contains(&Mode::Transparent) {
-                format!("{legs} (transparent: loopback TCP, QEMU's own connection redirected)")
+            if modes.iter().any(|m| m.transparent()) {
+                format!("{legs} (transparent: unix from the guard to the source daemon, loopback TCP from the destination daemon to QEMU; transparent-tcp: QEMU's own TCP connection redirected)")
             } else {
                 legs.into()
             }
@@ -752,7 +775,8 @@ fn migrate_once(ctx: &Ctx<'_>, mode: Mode, run: u32) -> anyhow::Result<Sample> {
         }
     };
     // QEMU's own URIs: where the destination listens, where the source goes.
-    let transparent = mode == Mode::Transparent;
+    let transparent = mode.transparent();
+    let guarded = mode == Mode::Transparent;
     let (incoming_uri, migrate_uri) = match (unix, mode.proxied()) {
         _ if transparent => (
             format!("tcp:0.0.0.0:{}", transparent::PORT),
@@ -782,12 +806,20 @@ fn migrate_once(ctx: &Ctx<'_>, mode: Mode, run: u32) -> anyhow::Result<Sample> {
         qemu_command(ctx, Side::Source, &ctx.src_ram, &sq_path, tls),
     );
     let uuid = transparent::uuid(run);
+    // The guarded source's monitor: libvirt's listening socket, passed as a
+    // descriptor (kept until QEMU has it).
+    let mut _monitor = None;
     let hosts = match (transparent, &ctx.hosts) {
         (true, Some(h)) => {
             // As libvirt runs it: the domain's UUID and name on the command
             // line, each QEMU on its own host.
             dst_cmd = as_libvirt_qemu(&dst_cmd, &h.dst_ns, &uuid);
             src_cmd = as_libvirt_qemu(&src_cmd, &h.src_ns, &uuid);
+            if guarded {
+                let (cmd, fd) = h.guarded(&src_cmd, &sq_path)?;
+                src_cmd = cmd;
+                _monitor = Some(fd);
+            }
             Some(h)
         }
         (true, None) => bail!("internal: the transparent mode's hosts are not up"),
@@ -807,6 +839,7 @@ fn migrate_once(ctx: &Ctx<'_>, mode: Mode, run: u32) -> anyhow::Result<Sample> {
     )?;
     let limit = Duration::from_secs(300);
     let mut dq = Qmp::connect(&dq_path, &mut dst, limit)?;
+    drop(_monitor.take());
     let mut sq = Qmp::connect(&sq_path, &mut src, limit)?;
     for q in [&mut sq, &mut dq] {
         q.execute(
@@ -862,7 +895,19 @@ fn migrate_once(ctx: &Ctx<'_>, mode: Mode, run: u32) -> anyhow::Result<Sample> {
     let machine_before = machine_times();
     let load1_before = load1();
     let t0 = epoch_now();
-    sq.execute("migrate", json!({ "uri": migrate_uri }))?;
+    match hosts {
+        Some(h) if guarded => {
+            // libvirt's way: its own connection to the destination's
+            // migration port (made on the source host), given to QEMU.
+            let sock = h.connect_from_source(transparent::DST_ADDR, transparent::PORT)?;
+            sq.execute_with_fd("getfd", json!({ "fdname": "migrate" }), &sock)?;
+            drop(sock);
+            sq.execute("migrate", json!({ "uri": "fd:migrate" }))?;
+        }
+        _ => {
+            sq.execute("migrate", json!({ "uri": migrate_uri }))?;
+        }
+    }
     let end = Instant::now() + Duration::from_secs(900);
     let mut last_poll = Instant::now();
     let t_done = loop {
@@ -981,6 +1026,15 @@ fn migrate_once(ctx: &Ctx<'_>, mode: Mode, run: u32) -> anyhow::Result<Sample> {
     if let Some(h) = hosts {
         // It must have gone through the daemons, encrypted, and completed.
         h.check_carried(&uuid)?;
+        if guarded {
+            let log = std::fs::read_to_string(&src.log).unwrap_or_default();
+            if !log.contains("over vmcrypt-migrate's unix path") {
+                bail!(
+                    "the guard did not take the unix path: {}",
+                    proc::last_line(&src.log).unwrap_or_default()
+                );
+            }
+        }
     }
     for p in &mut perfs {
         let end = Instant::now() + Duration::from_secs(60);

@@ -119,15 +119,36 @@ impl Qmp {
 
     /// Runs a command; returns its `return` value or fails with its error.
     pub fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
+        self.execute_inner(command, arguments, None)
+    }
+
+    /// [`Qmp::execute`] with a descriptor passed along (`getfd`).
+    pub fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: &impl std::os::fd::AsRawFd,
+    ) -> anyhow::Result<Value> {
+        self.execute_inner(command, arguments, Some(fd.as_raw_fd()))
+    }
+
+    fn execute_inner(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: Option<std::os::fd::RawFd>,
+    ) -> anyhow::Result<Value> {
         let mut msg = json!({ "execute": command });
         if arguments.as_object().is_some_and(|o| !o.is_empty()) {
             msg["arguments"] = arguments;
         }
         let mut text = msg.to_string();
         text.push('\n');
-        self.writer
-            .write_all(text.as_bytes())
-            .with_context(|| format!("{}: sending {command}", self.what))?;
+        match fd {
+            None => self.writer.write_all(text.as_bytes()),
+            Some(fd) => send_with_fd(&self.writer, text.as_bytes(), fd),
+        }
+        .with_context(|| format!("{}: sending {command}", self.what))?;
         let end = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(v) = self.read_message()? {
@@ -166,4 +187,42 @@ impl Qmp {
             .iter()
             .find(|e| e.name == "MIGRATION" && e.data["status"] == status)
     }
+}
+
+/// Sends `bytes` (one short QMP command) with `fd` in SCM_RIGHTS.
+fn send_with_fd(to: &UnixStream, bytes: &[u8], fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the message header points at `bytes` and at a control buffer
+    // sized by CMSG_SPACE for one descriptor, both alive for the call; the
+    // CMSG_* macros stay within that buffer.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        let space = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        let mut control = vec![0u8; space];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::copy_nonoverlapping(
+            &fd as *const libc::c_int as *const u8,
+            libc::CMSG_DATA(cmsg),
+            std::mem::size_of::<libc::c_int>(),
+        );
+        let n = libc::sendmsg(to.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if n as usize != bytes.len() {
+            return Err(std::io::Error::other("short write with a descriptor"));
+        }
+    }
+    Ok(())
 }

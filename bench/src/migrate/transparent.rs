@@ -50,6 +50,9 @@ pub struct Hosts {
     dst_ctl: PathBuf,
     pub src_daemon: Guarded,
     pub dst_daemon: Guarded,
+    /// A folder holding the monitor guard under QEMU's file name (the
+    /// guard runs `/usr/bin/` + its own file name).
+    guard_dir: PathBuf,
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -83,6 +86,8 @@ impl Hosts {
         scratch: &Path,
         migrate_bin: &Path,
         vmcrypt_bin: &Path,
+        guard_bin: &Path,
+        qemu: &Path,
         cpus: (Option<usize>, Option<usize>),
     ) -> anyhow::Result<Hosts> {
         let pid = std::process::id();
@@ -166,6 +171,15 @@ impl Hosts {
                 proc::sleep(Duration::from_millis(20))?;
             }
         }
+        let guard_dir = dir.join("guard");
+        std::fs::create_dir_all(&guard_dir)?;
+        let qemu_name = qemu
+            .file_name()
+            .context("the QEMU program has no file name")?;
+        let link = guard_dir.join(qemu_name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(guard_bin, &link)
+            .with_context(|| format!("cannot link {}", link.display()))?;
         std::mem::forget(guard);
         Ok(Hosts {
             src_ns,
@@ -175,6 +189,95 @@ impl Hosts {
             dst_ctl,
             src_daemon,
             dst_daemon,
+            guard_dir,
+        })
+    }
+
+    /// `cmd` (a source QEMU made by `as_libvirt_qemu`) as libvirt runs an
+    /// encrypted VM: its emulator is vmcrypt's monitor guard and its
+    /// monitor a listening socket at `monitor` passed as a descriptor
+    /// (`-chardev socket,fd=N,server=on -mon ...,mode=control`). Returns
+    /// the command and that descriptor, to be closed once QEMU started.
+    pub fn guarded(
+        &self,
+        cmd: &Command,
+        monitor: &Path,
+    ) -> anyhow::Result<(Command, std::os::fd::OwnedFd)> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let _ = std::fs::remove_file(monitor);
+        let listener = std::os::unix::net::UnixListener::bind(monitor)
+            .with_context(|| format!("cannot listen on {}", monitor.display()))?;
+        // A copy without close-on-exec, so QEMU (through nsenter and the
+        // guard) inherits it, as it inherits libvirt's.
+        // SAFETY: dup of a descriptor this process owns; the result is
+        // checked and then owned by the OwnedFd.
+        let raw = unsafe { libc::dup(listener.as_raw_fd()) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error()).context("dup");
+        }
+        // SAFETY: `raw` is a fresh descriptor owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let args: Vec<std::ffi::OsString> = cmd.get_args().map(Into::into).collect();
+        // nsenter --net=... -- QEMU ARGS: the program after `--`.
+        let dash = args
+            .iter()
+            .position(|a| a == "--")
+            .context("internal: not an nsenter command")?;
+        let qemu = Path::new(&args[dash + 1]);
+        let guard = self
+            .guard_dir
+            .join(qemu.file_name().context("QEMU has no file name")?);
+        let mut c = Command::new(cmd.get_program());
+        c.args(&args[..=dash]).arg(guard);
+        let mut rest = args[dash + 2..].iter();
+        while let Some(a) = rest.next() {
+            if a == "-qmp" {
+                rest.next();
+                continue;
+            }
+            c.arg(a);
+        }
+        c.args(["-chardev"])
+            .arg(format!("socket,id=charmonitor,fd={raw},server=on,wait=off"))
+            .args(["-mon", "chardev=charmonitor,id=monitor,mode=control"])
+            .env("VMCRYPT_MIGRATE_OUT_SOCKET", self.src_guard_socket());
+        Ok((c, fd))
+    }
+
+    /// The source daemon's socket for monitor guards (beside its control
+    /// socket, as vmcrypt-migrate puts it).
+    fn src_guard_socket(&self) -> PathBuf {
+        let stem = self
+            .src_ctl
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.src_ctl.with_file_name(format!("{stem}-out.sock"))
+    }
+
+    /// A TCP connection made on the source host (its network namespace)
+    /// to `addr:port`, as libvirtd makes one for QEMU.
+    pub fn connect_from_source(
+        &self,
+        addr: &str,
+        port: u16,
+    ) -> anyhow::Result<std::net::TcpStream> {
+        let ns = format!("/run/netns/{}", self.src_ns);
+        let to: std::net::SocketAddr = format!("{addr}:{port}").parse()?;
+        std::thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<std::net::TcpStream> {
+                use std::os::fd::AsRawFd;
+                let f = std::fs::File::open(&ns).with_context(|| format!("cannot open {ns}"))?;
+                // SAFETY: setns on this (scoped, short-lived) thread only;
+                // the socket made here stays in that namespace.
+                if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error()).context("setns");
+                }
+                std::net::TcpStream::connect_timeout(&to, Duration::from_secs(10))
+                    .with_context(|| format!("connecting to {to} on the source host"))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?
         })
     }
 
