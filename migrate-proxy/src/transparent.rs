@@ -1080,3 +1080,33 @@ fn random16() -> [u8; 16] {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_requests() {
+        assert_eq!(
+            parse_guard_hello(b"vmcrypt-migrate-out 1 10.0.0.2:49152"),
+            Ok("10.0.0.2:49152".parse().unwrap())
+        );
+        assert_eq!(
+            parse_guard_hello(b"vmcrypt-migrate-out 1 [fd00::2]:49153"),
+            Ok("[fd00::2]:49153".parse().unwrap())
+        );
+        for bad in [
+            &b"vmcrypt-migrate-out 2 10.0.0.2:49152"[..],
+            b"vmcrypt-migrate-out 1 host.example:49152",
+            b"vmcrypt-migrate-out 1 10.0.0.2",
+            b"\xff",
+            b"",
+        ] {
+            assert!(parse_guard_hello(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            guard_socket_for(std::path::Path::new("/run/vmcrypt/migrate.sock")),
+            std::path::Path::new(GUARD_SOCKET)
+        );
+    }
+}
