@@ -184,6 +184,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     use anyhow::Context;
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
         .context("cannot handle SIGTERM/SIGINT")?;
+    raise_fd_limit();
     let conf = vmcrypt_core::qemu_conf::read();
     let qemu_uid = vmcrypt_core::qemu_conf::user_uid(&conf).context(
         "cannot tell which uid QEMU runs as (qemu.conf `user`, or libvirt-qemu): is libvirt installed?",
@@ -300,6 +301,31 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let daemon = Daemon::new(transparent, installed);
     serve_control(&opts.control, daemon)
         .with_context(|| format!("control socket {}", opts.control.display()))
+}
+
+/// Raises the soft limit on open descriptors to the hard one (systemd:
+/// 1024 soft, 524288 hard). Each connection to port 49200 holds one until
+/// its handshake ends or times out; with 1024, a thousand idle connections
+/// from anyone on the network would leave none for migrations (issue 15,
+/// item 1). The accept loops also survive running out (they wait and go
+/// on), but this keeps them from running out at all.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let (Some(cur), Some(max)) = (lim.current, lim.maximum) else {
+        return;
+    };
+    if cur >= max {
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(max),
+        maximum: Some(max),
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::debug!(from = cur, to = max, "descriptor limit raised"),
+        Err(e) => tracing::warn!("cannot raise the descriptor limit from {cur}: {e}"),
+    }
 }
 
 fn bind(a: SocketAddr) -> std::io::Result<TcpListener> {

@@ -54,6 +54,17 @@ impl Migration {
         self.lock().used_indices.insert(index)
     }
 
+    /// Whether any connection has claimed its index (joined).
+    pub fn any_claimed(&self) -> bool {
+        !self.lock().used_indices.is_empty()
+    }
+
+    /// Whether connection `index` is still free (nothing is claimed: a
+    /// connection claims its index only once it has proven the key).
+    pub fn index_free(&self, index: u32) -> bool {
+        !self.lock().used_indices.contains(&index)
+    }
+
     /// A connection starts; its sockets are cut if the migration fails.
     /// Returns `Err(Aborted)` if it already failed.
     pub fn start_connection(&self, streams: &[&Stream]) -> Result<(), ProxyError> {

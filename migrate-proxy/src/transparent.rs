@@ -171,6 +171,13 @@ impl Record {
     }
 }
 
+/// A daemon connection whose hello checked out, before its handshake.
+struct Admitted {
+    vm: [u8; 16],
+    target: SocketAddr,
+    spec: Spec,
+}
+
 enum Decision {
     Encrypted(Arc<Migration>),
     Plain(Arc<Migration>),
@@ -758,10 +765,15 @@ impl Transparent {
         let peer_addr = conn.peer_addr().ok();
         let _ = conn.set_nodelay(true);
         let peer = Stream::Tcp(conn);
-        let mut named: Option<(Arc<Migration>, [u8; 16])> = None;
-        let mut target: Option<SocketAddr> = None;
+        // Everything in a hello is public (the VM's UUID, the migration id,
+        // the index): the lookup only checks, and the connection joins (or
+        // starts) a migration only once the handshake has proven it holds
+        // the cluster secret. A stranger's connection that names a real
+        // migration fails nothing and forgets no announcement (issue 15,
+        // item 5).
+        let mut named = false;
         let result = {
-            let mut lookup = |h: &Hello| -> Result<((), Spec), Refusal> {
+            let mut lookup = |h: &Hello| -> Result<(Admitted, Spec), Refusal> {
                 if h.kind != Kind::Aes256Gcm {
                     return Err(Refusal::KindMismatch);
                 }
@@ -776,41 +788,34 @@ impl Transparent {
                 }
                 let key = self.secret_by_id(&h.key_id).ok_or(Refusal::UnknownKey)?;
                 let id = MigrationId(h.id);
-                let (mig, new) = {
-                    let mut inc = lock(&self.incoming);
-                    match inc.get(&id) {
-                        Some(m) => (m.clone(), false),
-                        None => {
-                            let m = Arc::new(Migration::new(Spec {
-                                id,
-                                policy: exp.policy,
-                                crypto: Some((key, 0)),
-                            }));
-                            inc.insert(id, m.clone());
-                            (m, true)
-                        }
+                if let Some(m) = lock(&self.incoming).get(&id) {
+                    if m.failed() {
+                        return Err(Refusal::NotArmed);
                     }
+                    if !m.index_free(h.index) {
+                        return Err(Refusal::BadIndex);
+                    }
+                }
+                named = true;
+                let spec = Spec {
+                    id,
+                    policy: exp.policy,
+                    crypto: Some((key, 0)),
                 };
-                if new {
-                    self.set_record(h.vm, Record::new("in", "encrypted", "running", None));
-                    self.watch_in(id, h.vm, mig.clone());
-                }
-                if mig.failed() {
-                    return Err(Refusal::NotArmed);
-                }
-                if !mig.claim_index(h.index) {
-                    return Err(Refusal::BadIndex);
-                }
-                target = Some(procnet::connect_addr(bound));
-                named = Some((mig.clone(), h.vm));
-                let spec = mig.spec.clone();
-                Ok(((), spec))
+                Ok((
+                    Admitted {
+                        vm: h.vm,
+                        target: procnet::connect_addr(bound),
+                        spec: spec.clone(),
+                    },
+                    spec,
+                ))
             };
             session::server(&peer, &mut lookup)
         };
-        let (index, session) = match result {
-            Ok(((), index, s)) => (index, s),
-            Err(ProxyError::Truncated) if named.is_none() => {
+        let (admitted, index, session) = match result {
+            Ok(v) => v,
+            Err(ProxyError::Truncated) if !named => {
                 tracing::debug!(
                     ?peer_addr,
                     "a connection closed before its hello (a reachability probe)"
@@ -819,15 +824,34 @@ impl Transparent {
             }
             Err(e) => {
                 tracing::warn!(?peer_addr, "migration connection refused: {e}");
-                if let Some((mig, _)) = named {
-                    mig.fail(e.to_string());
-                }
                 return;
             }
         };
-        let (Some((mig, _)), Some(target)) = (named, target) else {
-            return;
+        let Admitted { vm, target, spec } = admitted;
+        let id = spec.id;
+        let (mig, new) = {
+            let mut inc = lock(&self.incoming);
+            match inc.get(&id) {
+                Some(m) => (m.clone(), false),
+                None => {
+                    let m = Arc::new(Migration::new(spec));
+                    inc.insert(id, m.clone());
+                    (m, true)
+                }
+            }
         };
+        if new {
+            self.set_record(vm, Record::new("in", "encrypted", "running", None));
+            self.watch_in(id, vm, mig.clone());
+        }
+        if mig.failed() || !mig.claim_index(index) {
+            tracing::warn!(
+                ?peer_addr,
+                index,
+                "migration connection refused: its migration failed or its index is taken"
+            );
+            return;
+        }
         let r = forward_to_qemu(&mig, peer, target, index, session, &[]);
         if let Err(e) = &r {
             tracing::warn!(index, "connection failed: {e}");

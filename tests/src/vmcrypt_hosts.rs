@@ -81,8 +81,15 @@ pub fn migrate_daemon(host: &Host) -> Result<MigrateDaemon> {
         .create(true)
         .append(true)
         .open(host.dir().join("vmcrypt-migrate.log"))?;
-    let mut c = host.command(bin("vmcrypt-migrate")?);
-    c.arg("daemon")
+    // With the soft descriptor limit systemd gives a service
+    // (DefaultLimitNOFILE=1024:524288), not this shell's. The hard limit
+    // stays this machine's (20000: `prlimit --nofile=1024:524288` fails
+    // here with "Operation not permitted").
+    let mut c = host.command("prlimit");
+    c.arg("--nofile=1024:")
+        .arg("--")
+        .arg(bin("vmcrypt-migrate")?)
+        .arg("daemon")
         .env("VMCRYPT_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -394,8 +394,31 @@ fn once() -> Result<()> {
         let v = serde_json::from_str(called.trim()).unwrap_or(serde_json::Value::Null);
         Ok((m, v))
     };
+    // 1,400 idle connections to vmc-b's daemon port, as anyone on the
+    // network could open (each held until the handshake timeout; more than
+    // the 1024 descriptors systemd gives a service plus the listen
+    // backlog): all taken and held while Nova's migration below runs,
+    // which must get through (issue 15, item 1).
+    let mut flood = a
+        .command("/usr/bin/python3")
+        .args(["-c", FLOOD, &b.addr.to_string(), "49200", "1400", "20"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut first = String::new();
+    if let Some(out) = flood.stdout.take() {
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut first)?;
+    }
+    ensure!(
+        first.trim() == "1400",
+        "only {} of 1400 idle connections reached vmc-b's daemon",
+        first.trim()
+    );
+    eprintln!("transparent: 1400 idle connections held on vmc-b's daemon port");
     let (m, v) = nova(a, b, &[])?;
     encrypted("encrypted VM, Nova's libvirt calls", m, a, b, &enc)?;
+    let _ = flood.kill();
+    let _ = flood.wait();
     for f in ["LIVE", "PEER2PEER", "PERSIST_DEST", "UNDEFINE_SOURCE"] {
         ensure!(
             v["flags"]
@@ -518,6 +541,26 @@ fn once() -> Result<()> {
 }
 
 /// `vmcrypt ARGS` output (stdout and stderr), whether it succeeded or not.
+/// Opens N idle TCP connections to HOST PORT (giving up after 30 s),
+/// prints how many connected, holds them HOLD seconds.
+const FLOOD: &str = r#"
+import resource, socket, sys, time
+host, port, n, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held = []
+deadline = time.time() + 30
+for _ in range(n):
+    if time.time() > deadline:
+        break
+    try:
+        held.append(socket.create_connection((host, port), timeout=5))
+    except OSError:
+        pass
+print(len(held), flush=True)
+time.sleep(hold)
+"#;
+
 fn vmcrypt_ok_or_err(host: &Host, args: &[&str]) -> String {
     match vmcrypt_tests::vmcrypt_hosts::vmcrypt(host, args) {
         Ok(o) => format!(
