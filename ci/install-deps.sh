@@ -32,6 +32,8 @@ command -v cryptsetup >/dev/null || need+=(cryptsetup-bin)
 # on iptables too), and OpenStack Nova's libvirt calls replayed through the
 # libvirt Python binding (tests/scripts/nova_live_migrate.py).
 command -v iptables >/dev/null || need+=(iptables)
+# blk_switchover.rs watches vmcrypt-blk sync the image (strace).
+command -v strace >/dev/null || need+=(strace)
 dpkg -s python3-libvirt >/dev/null 2>&1 || need+=(python3-libvirt)
 # The KMIP tests: openssl makes their certificates; PyKMIP runs in a venv.
 command -v openssl >/dev/null || need+=(openssl)

@@ -87,6 +87,23 @@ impl BlkBackend {
     }
 }
 
+impl BlkBackend {
+    /// Syncs the image and drops the write lock (see `stop_vring`).
+    fn hand_over(&self, why: &str) -> io::Result<()> {
+        if self.disk.readonly {
+            return Ok(());
+        }
+        let held = self.disk.owner.held();
+        self.disk.file.sync_data().map_err(|e| {
+            tracing::error!("{why}: syncing the image failed: {e}");
+            e
+        })?;
+        self.disk.owner.release(&self.disk.file);
+        tracing::debug!(held, "{why}: image synced");
+        Ok(())
+    }
+}
+
 fn put(cfg: &mut [u8], at: usize, bytes: &[u8]) {
     cfg[at..at + bytes.len()].copy_from_slice(bytes);
 }
@@ -179,6 +196,24 @@ impl VhostUserBackend for BlkBackend {
             );
         }
         Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // QEMU stops the rings when the device stops: at the switchover of
+        // a live migration, VM pause, shutdown, reset. The handler has
+        // already taken this ring's lock (so no request of it is mid-way)
+        // when it calls us. From here another process may own the image
+        // (the destination's vmcrypt-blk on shared storage): what the
+        // guest wrote goes to the storage now, not only into this host's
+        // page cache, and the write lock is let go (crate::owner). A
+        // failed sync fails the stop, and with it the migration.
+        self.hand_over(&format!("ring {queue_index} stopped"))
+    }
+
+    fn reset_device(&self) {
+        if let Err(e) = self.hand_over("device reset") {
+            tracing::error!("{e}");
+        }
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

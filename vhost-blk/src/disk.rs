@@ -85,6 +85,8 @@ pub struct Disk {
     pub serial: [u8; SERIAL_LEN],
     /// Read-only view of the image for copy-free reads (not with O_DIRECT).
     pub map: Option<crate::mapping::Mapping>,
+    /// Whether this process may write the image now (see [`crate::owner`]).
+    pub owner: crate::owner::Ownership,
 }
 
 impl std::fmt::Debug for Disk {
@@ -166,6 +168,7 @@ impl Disk {
             block_device,
             key,
             serial: serial_bytes(cfg),
+            owner: crate::owner::Ownership::default(),
         })
     }
 

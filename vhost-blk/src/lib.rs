@@ -5,12 +5,14 @@
 //! Layout: [`request`] parses virtio requests (no I/O), [`status`] maps
 //! failures to virtio status codes, [`worker`] executes requests (one worker
 //! per queue), [`backend`] is the vhost-user device, [`disk`] opens and
-//! unlocks the image, [`server`] runs the socket loop.
+//! unlocks the image, [`owner`] keeps one writer per image, [`server`] runs
+//! the socket loop.
 #![deny(missing_docs)]
 
 pub mod backend;
 pub mod disk;
 pub mod io;
+pub mod owner;
 /// The image mapping (shared with conversions in `vmcrypt_core`).
 pub use vmcrypt_core::mapping;
 pub mod request;

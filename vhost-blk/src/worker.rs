@@ -204,6 +204,8 @@ impl Worker {
         if self.disk.readonly {
             return Err(ExecuteError::ReadOnly);
         }
+        // One writer per image (see crate::owner); the guest gets IOERR.
+        self.disk.owner.ensure(&self.disk.file)?;
         Ok(())
     }
 
