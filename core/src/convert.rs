@@ -161,14 +161,20 @@ fn copy_transform(
 
 /// Encrypts a raw image in place (via a new file): a new data key, opened by
 /// `pass`; records `key_ref` with the image.
+///
+/// An image that starts with a LUKS header is refused unless `as_raw`: its
+/// guest may have written those bytes (its own disk encryption, or bytes
+/// made to look like vmcrypt's), and only the caller knows whether to
+/// treat them as data.
 pub fn encrypt(
     image: &Path,
     pass: &Passphrase,
     key_ref: &KeyRef,
+    as_raw: bool,
     progress: Progress<'_>,
 ) -> Result<(), ConvertError> {
     let src = open_ro(image)?;
-    if luks::is_luks(&src)? {
+    if !as_raw && luks::is_luks(&src)? {
         return Err(ConvertError::AlreadyEncrypted(image.display().to_string()));
     }
     let len = luks::block_device_len(&src)?;
@@ -586,6 +592,21 @@ fn write_header(f: &File, image: &Path, header: &Header) -> Result<(), ConvertEr
     f.sync_data().map_err(io("cannot sync", image))
 }
 
+/// Whether `pass` unlocks the image's LUKS header (no header: false). The
+/// header's PBKDF2 work is bounded by its checks (`luks::header`).
+pub fn unlocks(image: &Path, pass: &Passphrase) -> Result<bool, ConvertError> {
+    let f = open_ro(image)?;
+    if !luks::is_luks(&f)? {
+        return Ok(false);
+    }
+    let header = luks::read_header(&f)?;
+    match luks::unlock(&f, &header, pass) {
+        Ok(_) => Ok(true),
+        Err(LuksError::WrongKey) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// What an image is, for `status`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageStatus {
@@ -640,7 +661,7 @@ mod tests {
             .collect();
         std::fs::write(&img, &data).unwrap();
         let mut calls = 0;
-        encrypt(&img, &pass("a"), &kref("k1"), &mut |_, _| calls += 1).unwrap();
+        encrypt(&img, &pass("a"), &kref("k1"), false, &mut |_, _| calls += 1).unwrap();
         assert!(calls >= 4);
         let st = status(&img).unwrap();
         assert!(st.encrypted && !st.interrupted);
@@ -681,7 +702,7 @@ mod tests {
         ));
         std::fs::write(&img, vec![1u8; 1000]).unwrap();
         assert!(matches!(
-            encrypt(&img, &pass("x"), &kref("k"), &mut |_, _| {}),
+            encrypt(&img, &pass("x"), &kref("k"), false, &mut |_, _| {}),
             Err(ConvertError::Unaligned { .. })
         ));
         assert_eq!(std::fs::read(&img).unwrap(), vec![1u8; 1000]);

@@ -52,6 +52,11 @@ enum Command {
         /// was defined): new images removed, new keys retired.
         #[arg(long)]
         rollback: bool,
+        /// (An image file.) Encrypt it as raw data even if it starts with a
+        /// LUKS header that vmcrypt cannot vouch for: its guest's own disk
+        /// encryption, or bytes made to look like vmcrypt's.
+        #[arg(long)]
+        raw: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -147,6 +152,11 @@ enum Command {
         /// Images or domain names (default: the images this host encrypted
         /// and every libvirt domain).
         images: Vec<PathBuf>,
+        /// For an image this host has no record of: fetch the key its LUKS
+        /// header names and check that it unlocks it (a header alone proves
+        /// nothing: a guest can write one into a plain disk).
+        #[arg(long)]
+        verify: bool,
         /// Print as JSON.
         #[arg(long)]
         json: bool,
@@ -207,9 +217,9 @@ fn domain_name(arg: &std::path::Path) -> Option<&str> {
     arg.to_str()
 }
 
-fn status(args: &[PathBuf], json: bool) -> anyhow::Result<()> {
+fn status(args: &[PathBuf], verify: bool, json: bool) -> anyhow::Result<()> {
     if args.is_empty() {
-        commands::lifecycle::status(&[], json)?;
+        commands::lifecycle::status(&[], verify, json)?;
         if !commands::domain::status_all(json)? && !json {
             println!("(libvirt is not reachable: no domains listed)");
         }
@@ -218,7 +228,7 @@ fn status(args: &[PathBuf], json: bool) -> anyhow::Result<()> {
     for a in args {
         match domain_name(a) {
             Some(d) => commands::domain::status_one(d, json)?,
-            None => commands::lifecycle::status(std::slice::from_ref(a), json)?,
+            None => commands::lifecycle::status(std::slice::from_ref(a), verify, json)?,
         }
     }
     Ok(())
@@ -240,8 +250,12 @@ fn main() -> ExitCode {
             provider,
             keep_original,
             rollback,
+            raw,
             json,
         } => match domain_name(&image) {
+            Some(_) if raw => Err(anyhow::anyhow!(
+                "--raw is for image files; a domain's disks are decided by its XML"
+            )),
             Some(d) => commands::vm::encrypt(d, provider.as_deref(), keep_original, rollback, json)
                 .and_then(|done| {
                     if done {
@@ -250,7 +264,7 @@ fn main() -> ExitCode {
                         commands::domain::encrypt(d, provider.as_deref(), json)
                     }
                 }),
-            None => commands::lifecycle::encrypt(&image, provider.as_deref(), json),
+            None => commands::lifecycle::encrypt(&image, provider.as_deref(), raw, json),
         },
         Command::Decrypt {
             image,
@@ -308,7 +322,11 @@ fn main() -> ExitCode {
             provider,
             json,
         } => commands::lifecycle::rekey(&image, deep, provider.as_deref(), json),
-        Command::Status { images, json } => status(&images, json),
+        Command::Status {
+            images,
+            verify,
+            json,
+        } => status(&images, verify, json),
         Command::Migrate(args) => commands::migrate::run(&args),
         Command::Serve { image, blk_args } => commands::lifecycle::serve(&image, &blk_args),
     };

@@ -436,3 +436,75 @@ fn conversions_killed_midway_lose_no_data() -> Result<()> {
     ensure!(!vmcrypt_core::convert::scratch_path(&image).exists());
     Ok(())
 }
+
+/// A guest writes what it likes into its plain (raw) disk, including a LUKS
+/// header and vmcrypt's key reference naming a real key (issue 15, item 8).
+/// vmcrypt must not take that image for encrypted: `status` does not say
+/// so (and `--verify` says the key does not unlock it), `encrypt` refuses
+/// to skip it and `encrypt --raw` encrypts it. The genuine image, recorded
+/// by this host, stays "encrypted".
+#[test]
+fn a_forged_luks_header_is_not_taken_for_encryption() -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let h = Host::new("forged-luks")?;
+    let real = h.path("real.img");
+    raw_image(&real, 8, "REAL-DATA")?;
+    let real_s = real.display().to_string();
+    h.ok(&["encrypt", &real_s])?;
+    let (provider, key_id) = h.key_ref(&real)?;
+    let st = h.ok(&["status", &real_s])?;
+    ensure!(
+        st.contains(&format!("encrypted, key {provider}/{key_id}")),
+        "{st}"
+    );
+
+    // The forgery: a LUKS header of some other passphrase, and the real
+    // image's key reference block (sector 4040) copied in, as a guest can
+    // write both into its raw disk.
+    let forged = h.path("forged.img");
+    let other = h.path("other.key");
+    std::fs::write(&other, "77".repeat(32))?;
+    let out = h
+        .command("vmcrypt")?
+        .args(["image", "create"])
+        .arg(&forged)
+        .args(["--size", "8M", "--key-file"])
+        .arg(&other)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut block = vec![0u8; 4096];
+    std::fs::File::open(&real)?.read_exact_at(&mut block, 4040 * 512)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&forged)?
+        .write_all_at(&block, 4040 * 512)?;
+    let forged_s = forged.display().to_string();
+
+    let st = h.ok(&["status", &forged_s])?;
+    ensure!(
+        !st.contains("encrypted, key") && st.contains("unverified"),
+        "a forged header passes for vmcrypt's encryption: {st}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(h.ok(&["status", "--json", &forged_s])?.trim())?;
+    ensure!(v["data"]["encrypted"] == false, "{v}");
+    let st = h.ok(&["status", "--verify", &forged_s])?;
+    ensure!(st.contains("NOT encrypted by vmcrypt"), "{st}");
+    h.fails(&["encrypt", &forged_s], "does not unlock it")?;
+    h.ok(&["encrypt", "--raw", &forged_s])?;
+    let (_, new_key) = h.key_ref(&forged)?;
+    ensure!(
+        new_key != key_id,
+        "the forged image kept the real image's key"
+    );
+    let st = h.ok(&["status", &forged_s])?;
+    ensure!(st.contains("encrypted, key"), "{st}");
+    // The genuine one, checked by unlocking: verified.
+    let st = h.ok(&["status", "--verify", &real_s])?;
+    ensure!(st.contains("encrypted, key"), "{st}");
+    Ok(())
+}

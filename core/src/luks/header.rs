@@ -47,6 +47,12 @@ pub const SECTOR: u64 = 512;
 /// CPU and rarely pass a few million; a corrupt count (one flipped high byte
 /// gives billions) must fail at once instead of hanging the start for hours.
 pub const MAX_ITERATIONS: u32 = 50_000_000;
+/// Most PBKDF2 iterations all active key slots may ask for together: an
+/// unlock tries each slot in turn, so eight slots at the cap would cost
+/// eight times its work (about a minute here) for a header anyone who can
+/// write the image could craft. Twice the cap still lets a real image keep
+/// eight slots at a few million each.
+pub const MAX_TOTAL_ITERATIONS: u64 = 2 * MAX_ITERATIONS as u64;
 
 const KEYSLOTS_AT: usize = 208;
 const KEYSLOT_SIZE: usize = 48;
@@ -190,6 +196,17 @@ impl Header {
                 self.payload_offset
             )));
         }
+        let total: u64 = self
+            .slots
+            .iter()
+            .filter(|s| s.active)
+            .map(|s| u64::from(s.iterations))
+            .sum();
+        if total > MAX_TOTAL_ITERATIONS {
+            return Err(LuksError::Corrupt(format!(
+                "the key slots ask for {total} PBKDF2 iterations together, more than vmcrypt accepts ({MAX_TOTAL_ITERATIONS})"
+            )));
+        }
         for (i, s) in self.slots.iter().enumerate().filter(|(_, s)| s.active) {
             if s.iterations == 0 || s.iterations > MAX_ITERATIONS {
                 return Err(LuksError::Corrupt(format!(
@@ -294,6 +311,24 @@ mod tests {
                 stripes: STRIPES,
             }),
         }
+    }
+
+    /// Eight slots at the per-slot cap would make every failed unlock
+    /// cost eight times its work: refused at decode, before any PBKDF2.
+    #[test]
+    fn refuses_slots_that_ask_too_much_work_together() {
+        let mut h = sample();
+        for s in h.slots.iter_mut() {
+            s.active = true;
+            s.iterations = MAX_ITERATIONS;
+        }
+        let e = Header::decode(&h.encode()).unwrap_err();
+        assert!(e.to_string().contains("together"), "{e}");
+        // Eight slots of a few million each, as cryptsetup makes them: fine.
+        for s in h.slots.iter_mut() {
+            s.iterations = 5_000_000;
+        }
+        Header::decode(&h.encode()).unwrap();
     }
 
     #[test]

@@ -195,8 +195,16 @@ pub fn encrypt(name: &str, provider: Option<&str>, json: bool) -> anyhow::Result
             continue;
         }
         let image = meta.disks[i].image.clone();
-        let key = lifecycle::encrypt_image(Path::new(&image), provider, json)
-            .with_context(|| format!("{name}: disk {}", meta.disks[i].target))?;
+        // The metadata says this disk is plain, so its bytes are the
+        // guest's data, whatever they look like (a LUKS header and a key
+        // reference included): encrypted as raw. Only an image this host
+        // itself encrypted (a run cut off before the metadata was stored)
+        // keeps its key.
+        let key = match lifecycle::recorded_and_carried(Path::new(&image))? {
+            Some(k) => k,
+            None => lifecycle::encrypt_image(Path::new(&image), provider, true, json)
+                .with_context(|| format!("{name}: disk {}", meta.disks[i].target))?,
+        };
         if !json {
             println!(
                 "encrypted {name} disk {} ({image}): key {key}",

@@ -63,9 +63,73 @@ fn report(json: bool, d: &Done<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The key this host recorded for `image` when vmcrypt encrypted it.
+fn recorded(image: &Path) -> anyhow::Result<Option<KeyRef>> {
+    let key = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
+    Ok(Inventory::load()?
+        .images
+        .get(&key)
+        .map(|(provider, key_id)| KeyRef {
+            provider: provider.clone(),
+            key_id: key_id.clone(),
+        }))
+}
+
+/// The key this host recorded for `image`, if the image's header still
+/// names it (a conversion of this host's that completed).
+pub fn recorded_and_carried(image: &Path) -> anyhow::Result<Option<KeyRef>> {
+    let Some(r) = recorded(image)? else {
+        return Ok(None);
+    };
+    let st =
+        convert::status(image).with_context(|| format!("cannot inspect {}", image.display()))?;
+    Ok((st.encrypted && st.key_ref.as_ref() == Some(&r)).then_some(r))
+}
+
+/// Whether the key `r` names unlocks `image`'s LUKS header.
+fn verify(image: &Path, r: &KeyRef) -> anyhow::Result<bool> {
+    let providers = Providers::load()?;
+    let kek = providers.open(&r.provider)?.get_key(&r.key_id)?;
+    Ok(convert::unlocks(image, &kek.passphrase())?)
+}
+
+/// How far an image's LUKS header is to be believed. Its bytes alone prove
+/// nothing: a guest writes what it likes into a plain (raw) disk, including
+/// a LUKS header and vmcrypt's key reference. So an image counts as
+/// vmcrypt-encrypted only if this host recorded it so, or if the key its
+/// header names really unlocks it (issue 15, item 8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trust {
+    /// This host encrypted it with that key.
+    Recorded,
+    /// The key the header names unlocks it.
+    Verified,
+    /// Not checked (`vmcrypt status` without `--verify`).
+    Unchecked,
+    /// The key it names does not unlock it: data, not vmcrypt's encryption.
+    Refuted,
+}
+
+fn trust(image: &Path, st: &ImageStatus, check: bool) -> anyhow::Result<Trust> {
+    let Some(r) = &st.key_ref else {
+        return Ok(Trust::Unchecked);
+    };
+    if recorded(image)?.as_ref() == Some(r) {
+        return Ok(Trust::Recorded);
+    }
+    if !check {
+        return Ok(Trust::Unchecked);
+    }
+    Ok(if verify(image, r)? {
+        Trust::Verified
+    } else {
+        Trust::Refuted
+    })
+}
+
 /// `vmcrypt encrypt IMAGE`.
-pub fn encrypt(image: &Path, provider: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let key_ref = encrypt_image(image, provider, json)?;
+pub fn encrypt(image: &Path, provider: Option<&str>, raw: bool, json: bool) -> anyhow::Result<()> {
+    let key_ref = encrypt_image(image, provider, raw, json)?;
     report(
         json,
         &Done {
@@ -79,14 +143,37 @@ pub fn encrypt(image: &Path, provider: Option<&str>, json: bool) -> anyhow::Resu
 
 /// Encrypts `image` with a new key from `provider`; returns the key's
 /// reference.
-pub fn encrypt_image(image: &Path, provider: Option<&str>, quiet: bool) -> anyhow::Result<KeyRef> {
-    let providers = Providers::load()?;
-    let (pname, provider) = provider_for(&providers, provider)?;
+///
+/// `raw`: the image is raw data even if it starts with a LUKS header.
+pub fn encrypt_image(
+    image: &Path,
+    provider: Option<&str>,
+    raw: bool,
+    quiet: bool,
+) -> anyhow::Result<KeyRef> {
     let st =
         convert::status(image).with_context(|| format!("cannot inspect {}", image.display()))?;
-    if st.encrypted {
-        bail!("{} is already encrypted", image.display());
+    if st.encrypted && !raw {
+        let shown = image.display();
+        match (&st.key_ref, trust(image, &st, true)) {
+            (Some(r), Ok(Trust::Recorded)) => bail!("{shown} is already encrypted (key {r})"),
+            (Some(r), Ok(Trust::Verified)) => {
+                Inventory::record(image, Some(r))?;
+                bail!("{shown} is already encrypted: its key {r} unlocks it (now in this host's records)")
+            }
+            (Some(r), Ok(_)) => bail!(
+                "{shown} starts with a LUKS header naming key {r}, which does not unlock it: that is data written into a plain image (by its guest?), not vmcrypt's encryption; `vmcrypt encrypt --raw {shown}` encrypts it as the raw data it is"
+            ),
+            (Some(r), Err(e)) => bail!(
+                "{shown} starts with a LUKS header naming key {r}, which cannot be checked ({e:#}); if it is plain data (its guest's), `vmcrypt encrypt --raw {shown}` encrypts it"
+            ),
+            (None, _) => bail!(
+                "{shown} starts with a LUKS header vmcrypt did not write (the guest's own disk encryption?); `vmcrypt encrypt --raw {shown}` encrypts it as raw data, `vmcrypt serve --key-file` serves it as LUKS"
+            ),
+        }
     }
+    let providers = Providers::load()?;
+    let (pname, provider) = provider_for(&providers, provider)?;
     let key_id = provider.create_key(&label_for(image))?;
     let key_ref = KeyRef {
         provider: pname.clone(),
@@ -94,10 +181,16 @@ pub fn encrypt_image(image: &Path, provider: Option<&str>, quiet: bool) -> anyho
     };
     let kek = provider.get_key(&key_id)?;
     let bar = output::progress("encrypting", quiet);
-    let result = convert::encrypt(image, &kek.passphrase(), &key_ref, &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    });
+    let result = convert::encrypt(
+        image,
+        &kek.passphrase(),
+        &key_ref,
+        raw,
+        &mut |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    );
     bar.finish_and_clear();
     if let Err(e) = result {
         // The new key protects nothing: retire it rather than leave it behind.
@@ -209,14 +302,22 @@ pub fn rekey(image: &Path, deep: bool, provider: Option<&str>, json: bool) -> an
 #[derive(Serialize)]
 struct StatusLine {
     image: PathBuf,
+    /// Encrypted by vmcrypt: recorded by this host, or unlocked by the
+    /// key its header names (`--verify`).
     encrypted: bool,
+    /// It starts with a LUKS header (which anyone who can write the image
+    /// can put there).
+    luks: bool,
+    /// The key its header names.
     provider: Option<String>,
     key_id: Option<String>,
+    /// `recorded`, `verified`, `unchecked` or `refuted`.
+    trust: Option<&'static str>,
     interrupted: bool,
 }
 
-/// `vmcrypt status [IMAGE...]`.
-pub fn status(images: &[PathBuf], json: bool) -> anyhow::Result<()> {
+/// `vmcrypt status [--verify] [IMAGE...]`.
+pub fn status(images: &[PathBuf], check: bool, json: bool) -> anyhow::Result<()> {
     let list: Vec<PathBuf> = if images.is_empty() {
         Inventory::load()?.images.into_keys().collect()
     } else {
@@ -230,24 +331,47 @@ pub fn status(images: &[PathBuf], json: bool) -> anyhow::Result<()> {
                 continue;
             }
         };
+        let t = match trust(&image, &st, check) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("vmcrypt: {}: cannot check its key: {e:#}", image.display());
+                Trust::Unchecked
+            }
+        };
         let ImageStatus {
-            encrypted,
+            encrypted: luks,
             key_ref,
             interrupted,
         } = st;
         let line = StatusLine {
             image,
-            encrypted,
+            encrypted: luks && matches!(t, Trust::Recorded | Trust::Verified),
+            luks,
             provider: key_ref.as_ref().map(|r| r.provider.clone()),
             key_id: key_ref.as_ref().map(|r| r.key_id.clone()),
+            trust: key_ref.as_ref().map(|_| match t {
+                Trust::Recorded => "recorded",
+                Trust::Verified => "verified",
+                Trust::Unchecked => "unchecked",
+                Trust::Refuted => "refuted",
+            }),
             interrupted,
         };
         if json {
             output::json("image-status", &line)?;
         } else {
-            let what = match (&line.provider, &line.key_id, line.encrypted) {
-                (Some(p), Some(k), _) => format!("encrypted, key {p}/{k}"),
-                (_, _, true) => "encrypted (LUKS, key not managed by vmcrypt)".into(),
+            let what = match (&line.provider, &line.key_id, line.luks, t) {
+                (Some(p), Some(k), _, Trust::Recorded) => format!("encrypted, key {p}/{k}"),
+                (Some(p), Some(k), _, Trust::Verified) => {
+                    format!("encrypted, key {p}/{k} (verified: the key unlocks it)")
+                }
+                (Some(p), Some(k), _, Trust::Refuted) => format!(
+                    "NOT encrypted by vmcrypt: its LUKS header names key {p}/{k}, which does not unlock it (data written into a plain image?)"
+                ),
+                (Some(p), Some(k), _, Trust::Unchecked) => format!(
+                    "LUKS header naming key {p}/{k}, not in this host's records: unverified (a guest can write such bytes into a plain disk; `vmcrypt status --verify` unlocks it with that key)"
+                ),
+                (_, _, true, _) => "LUKS header, key not managed by vmcrypt (not vmcrypt's encryption)".into(),
                 _ => "not encrypted".into(),
             };
             let note = if line.interrupted {
