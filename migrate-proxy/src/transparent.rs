@@ -176,6 +176,8 @@ struct Admitted {
     vm: [u8; 16],
     target: SocketAddr,
     spec: Spec,
+    /// The announcement it came under.
+    since: Instant,
 }
 
 enum Decision {
@@ -277,6 +279,17 @@ impl Transparent {
     /// The VM is no longer expected (it started, or its QEMU went away).
     pub fn forget(&self, vm: &[u8; 16]) {
         lock(&self.expected).remove(vm);
+    }
+
+    /// A migration admitted under the announcement made at `since` is
+    /// over: that announcement is spent. A newer one (the next migration of
+    /// the same VM, announced while this one's connections were still
+    /// timing out) stays.
+    fn forget_announced(&self, vm: &[u8; 16], since: Instant) {
+        let mut ex = lock(&self.expected);
+        if ex.get(vm).is_some_and(|e| e.since == since) {
+            ex.remove(vm);
+        }
     }
 
     /// The last migration of `vm` through this daemon.
@@ -726,6 +739,7 @@ impl Transparent {
     }
 
     fn incoming(self: &Arc<Self>, conn: TcpStream) {
+        bound_stalls(&socket2::SockRef::from(&conn));
         let Ok(local) = conn.local_addr() else { return };
         let orig = procnet::original_dst(&conn, &local).unwrap_or(local);
         let port = orig.port();
@@ -807,6 +821,7 @@ impl Transparent {
                         vm: h.vm,
                         target: procnet::connect_addr(bound),
                         spec: spec.clone(),
+                        since: exp.since,
                     },
                     spec,
                 ))
@@ -827,7 +842,12 @@ impl Transparent {
                 return;
             }
         };
-        let Admitted { vm, target, spec } = admitted;
+        let Admitted {
+            vm,
+            target,
+            spec,
+            since,
+        } = admitted;
         let id = spec.id;
         let (mig, new) = {
             let mut inc = lock(&self.incoming);
@@ -842,7 +862,7 @@ impl Transparent {
         };
         if new {
             self.set_record(vm, Record::new("in", "encrypted", "running", None));
-            self.watch_in(id, vm, mig.clone());
+            self.watch_in(id, vm, since, mig.clone());
         }
         if mig.failed() || !mig.claim_index(index) {
             tracing::warn!(
@@ -940,11 +960,11 @@ impl Transparent {
                 ),
             );
             let me = self.clone();
-            let (m, vm) = (mig.clone(), q.uuid);
+            let (m, vm, since) = (mig.clone(), q.uuid, exp.since);
             spawn("in-plain-record", move || {
                 let outcome = m.wait_outcome(GRACE);
                 me.finish_record(vm, &m, outcome);
-                me.forget(&vm);
+                me.forget_announced(&vm, since);
             });
         }
         let target = procnet::connect_addr(bound);
@@ -958,13 +978,19 @@ impl Transparent {
         mig.finish_connection(r);
     }
 
-    fn watch_in(self: &Arc<Self>, id: MigrationId, vm: [u8; 16], mig: Arc<Migration>) {
+    fn watch_in(
+        self: &Arc<Self>,
+        id: MigrationId,
+        vm: [u8; 16],
+        since: Instant,
+        mig: Arc<Migration>,
+    ) {
         let me = self.clone();
         spawn("in-watch", move || {
             let outcome = mig.wait_outcome(GRACE);
             me.finish_record(vm, &mig, outcome);
             lock(&me.incoming).remove(&id);
-            me.forget(&vm);
+            me.forget_announced(&vm, since);
         });
     }
 }
@@ -1036,9 +1062,30 @@ fn connect_marked(to: SocketAddr) -> std::io::Result<Stream> {
     )?;
     s.set_mark(crate::netfilter::MARK)?;
     s.connect_timeout(&to.into(), CONNECT_TIMEOUT)?;
+    bound_stalls(&s);
     let s: TcpStream = s.into();
     let _ = s.set_nodelay(true);
     Ok(Stream::Tcp(s))
+}
+
+/// How long a connection between hosts may leave data unacknowledged, or
+/// stay silent to keepalive probes, before it counts as dead.
+const STALL_LIMIT: Duration = Duration::from_secs(30);
+
+/// A network that stops carrying packets mid-migration (a cable pulled, a
+/// switch gone, a firewall change) otherwise leaves the connection waiting
+/// for TCP's own limit, about 15 minutes of retransmissions: the migration
+/// hangs and its threads and state with it. With these, a stalled
+/// connection fails within [`STALL_LIMIT`] (plus a probe or two), the
+/// migration fails, and the VM keeps running on the source.
+fn bound_stalls(s: &socket2::Socket) {
+    let _ = s.set_tcp_user_timeout(Some(STALL_LIMIT));
+    let _ = s.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(10))
+            .with_interval(Duration::from_secs(5))
+            .with_retries(4),
+    );
 }
 
 /// Destination: connects connection `index` to QEMU in order, sends

@@ -331,6 +331,76 @@ fn once() -> Result<()> {
     opp.has_marker(a)?;
     drop(_uffd);
 
+    // The network between the hosts stops carrying packets in the middle
+    // of a migration (everything to and from vmc-b silently dropped on
+    // vmc-a, as a dead switch would): the migration fails within a bounded
+    // time, the VM keeps running on vmc-a, and nothing of it stays on
+    // vmc-b (issue 15, the campaign's network stall).
+    let t_stall = Instant::now();
+    let mut mig = a
+        .command("virsh")
+        .args([
+            "-c",
+            "qemu:///system",
+            "migrate",
+            "--live",
+            enc.name,
+            &b.uri(),
+        ])
+        .args(enc.needs)
+        .args(["--bandwidth", "8"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(3));
+    let peer = b.addr.to_string();
+    for chain in [["OUTPUT", "-d"], ["INPUT", "-s"]] {
+        a.run_ok(
+            a.command("iptables")
+                .args(["-w", "-I", chain[0], chain[1], &peer, "-j", "DROP"]),
+        )?;
+    }
+    let ended = loop {
+        if let Some(st) = mig.try_wait()? {
+            break Some(st);
+        }
+        if t_stall.elapsed() > Duration::from_secs(150) {
+            let _ = mig.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let stalled_for = t_stall.elapsed();
+    for chain in [["OUTPUT", "-d"], ["INPUT", "-s"]] {
+        a.run_ok(
+            a.command("iptables")
+                .args(["-w", "-D", chain[0], chain[1], &peer, "-j", "DROP"]),
+        )?;
+    }
+    let st = ended.context("a migration over a dead link did not end within 150 s")?;
+    ensure!(!st.success(), "a migration over a dead link succeeded");
+    ensure!(
+        enc.state(a) == "running",
+        "after the stalled migration {} is {} on vmc-a",
+        enc.name,
+        enc.state(a)
+    );
+    enc.has_marker(a)?;
+    let gone = Instant::now();
+    while b.virsh(["domstate", enc.name]).is_ok() && gone.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    ensure!(
+        b.virsh(["domstate", enc.name]).is_err(),
+        "the stalled migration left {} on vmc-b",
+        enc.name
+    );
+    eprintln!(
+        "transparent: network stalled mid-migration: failed after {:.0?}, still running on vmc-a",
+        stalled_for
+    );
+
     // The source's interception removed (its rules flushed, and the
     // guards' socket out of reach, so the guard falls back to libvirt's
     // TCP socket): the encrypted VM arrives at vmc-b plain, which refuses
