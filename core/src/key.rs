@@ -57,7 +57,9 @@ impl Passphrase {
             path: shown.clone(),
             source,
         })?;
-        let mut buf = Zeroizing::new(Vec::with_capacity(128));
+        // The largest accepted file fits without growing the buffer (a
+        // buffer outgrown would be freed holding the key).
+        let mut buf = Zeroizing::new(Vec::with_capacity(MAX_KEY_FILE_LEN as usize + 1));
         file.take(MAX_KEY_FILE_LEN + 1)
             .read_to_end(&mut buf)
             .map_err(|source| KeyError::Read {

@@ -144,7 +144,14 @@ fn wrap_key(kek: &Kek) -> Result<LessSafeKey, SaveFileError> {
     let okm = prk
         .expand(&info, &AES_256_GCM)
         .map_err(|_| SaveFileError::Crypto("HKDF"))?;
-    Ok(LessSafeKey::new(UnboundKey::from(okm)))
+    // Through a buffer we wipe: UnboundKey::from(okm) leaves the derived key
+    // in an array of aws-lc-rs's that nothing clears.
+    let mut k = Zeroizing::new([0u8; 32]);
+    okm.fill(&mut k[..])
+        .map_err(|_| SaveFileError::Crypto("HKDF"))?;
+    let key =
+        UnboundKey::new(&AES_256_GCM, &k[..]).map_err(|_| SaveFileError::Crypto("AES-GCM"))?;
+    Ok(LessSafeKey::new(key))
 }
 
 fn wrap_aad(f: &HeaderFields) -> Vec<u8> {
@@ -194,12 +201,15 @@ impl<W: Write> Writer<W> {
         aws_lc_rs::rand::fill(&mut file_key[..]).map_err(|_| SaveFileError::Crypto("random"))?;
         let mut wrap_nonce = [0u8; 12];
         aws_lc_rs::rand::fill(&mut wrap_nonce).map_err(|_| SaveFileError::Crypto("random"))?;
-        let mut wrapped = file_key.to_vec();
+        // Room for the tag from the start: a buffer that grew would leave
+        // the plaintext file key behind in the one it outgrew.
+        let mut wrapped = Zeroizing::new(Vec::with_capacity(32 + AES_256_GCM.tag_len()));
+        wrapped.extend_from_slice(&file_key[..]);
         wrap_key(kek)?
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(wrap_nonce),
                 Aad::from(wrap_aad(&fields)),
-                &mut wrapped,
+                &mut *wrapped,
             )
             .map_err(|_| SaveFileError::Crypto("AES-GCM"))?;
         let json = serde_json::to_vec(&HeaderJson {
@@ -445,7 +455,7 @@ mod tests {
     use super::*;
 
     fn kek(b: u8) -> Kek {
-        Kek(Zeroizing::new([b; 32]))
+        Kek::from_bytes(&[b; 32])
     }
 
     fn fields() -> HeaderFields {

@@ -30,15 +30,21 @@ impl std::str::FromStr for MigrationId {
     }
 }
 
-/// The one-time 256-bit migration key, wiped on drop.
+/// A 256-bit migration key (a cluster secret, or a hand-armed one-time
+/// key), wiped on drop. On the heap, so moves and the caches that hold it
+/// leave no copies behind.
 #[derive(Clone)]
-pub struct MigrationKey(Zeroizing<[u8; KEY_LEN]>);
+pub struct MigrationKey(Box<Zeroizing<[u8; KEY_LEN]>>);
+
+fn zeroed() -> Box<Zeroizing<[u8; KEY_LEN]>> {
+    Box::new(Zeroizing::new([0u8; KEY_LEN]))
+}
 
 impl MigrationKey {
     /// From 64 hex characters (a trailing newline is allowed).
     pub fn from_hex(text: &[u8]) -> Result<Self, SpecError> {
         let text = text.strip_suffix(b"\n").unwrap_or(text);
-        let mut k = Zeroizing::new([0u8; KEY_LEN]);
+        let mut k = zeroed();
         hex::decode_to_slice(text, &mut k[..]).map_err(|_| SpecError::BadKey)?;
         Ok(MigrationKey(k))
     }
@@ -52,7 +58,7 @@ impl MigrationKey {
     /// A fresh random key.
     pub fn random() -> Result<Self, SpecError> {
         let r = vmcrypt_core::key::random_bytes(KEY_LEN).map_err(SpecError::KeyFile)?;
-        let mut k = Zeroizing::new([0u8; KEY_LEN]);
+        let mut k = zeroed();
         k.copy_from_slice(&r);
         Ok(MigrationKey(k))
     }
@@ -70,7 +76,9 @@ impl MigrationKey {
 
     /// A key from raw bytes (a provider's cluster secret).
     pub fn from_bytes(b: &[u8; KEY_LEN]) -> Self {
-        MigrationKey(Zeroizing::new(*b))
+        let mut k = zeroed();
+        k.copy_from_slice(b);
+        MigrationKey(k)
     }
 }
 

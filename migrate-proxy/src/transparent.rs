@@ -342,8 +342,15 @@ impl Transparent {
                 .find(|(_, k, t)| k.id() == *id && t.elapsed() < SECRET_TTL)
                 .map(|(_, k, _)| k.clone())
         };
-        if let Some(k) = cached(&lock(&self.secrets)) {
-            return Some(k);
+        {
+            // Expired secrets go now, not only when another is fetched: a
+            // cluster secret stays in this long-lived process no longer
+            // than SECRET_TTL after its last use.
+            let mut s = lock(&self.secrets);
+            s.entries.retain(|(_, _, t)| t.elapsed() < SECRET_TTL);
+            if let Some(k) = cached(&s) {
+                return Some(k);
+            }
         }
         let providers = Providers::load().ok()?;
         let names: Vec<String> = providers.providers.keys().cloned().collect();

@@ -107,7 +107,7 @@ fn lifecycle(pki: &Pki, server: &PyKmipServer, version: KmipVersion) -> Result<V
     let k2 = p.get_key(&id)?;
     assert_eq!(k1.0.len(), 32);
     assert_eq!(*k1.0, *k2.0, "the same key twice");
-    assert_ne!(*k1.0, [0u8; 32]);
+    assert_ne!(**k1.0, [0u8; 32]);
     let key = k1.0.to_vec();
     assert_eq!(format!("{k1:?}"), "Kek(redacted)");
     assert_no_key("Debug of the provider", format!("{p:?}").as_bytes(), &key);

@@ -133,8 +133,11 @@ impl LocalProvider {
     }
 
     fn save(&self, store: &Store) -> Result<(), ProviderError> {
-        let text = Zeroizing::new(serde_json::to_string_pretty(store).map_err(|e| self.err(e))?);
-        crate::fsutil::replace(&self.path, text.as_bytes(), 0o600)
+        // Sized up front so it never reallocates: each buffer it outgrew
+        // would be freed holding part of the keys' hex.
+        let mut text = Zeroizing::new(Vec::with_capacity(4096 + 512 * store.keys.len()));
+        serde_json::to_writer_pretty(&mut *text, store).map_err(|e| self.err(e))?;
+        crate::fsutil::replace(&self.path, &text, 0o600)
             .map_err(|e| self.err(format!("cannot write it: {e}")))
     }
 
@@ -213,7 +216,7 @@ impl KeyProvider for LocalProvider {
             let mut k = Zeroizing::new([0u8; KEK_LEN]);
             hex::decode_to_slice(&e.material, &mut k[..])
                 .map_err(|_| self.err(format!("key {key_id} is damaged")))?;
-            Ok(Kek(k))
+            Ok(Kek::from_bytes(&k))
         })
     }
 
@@ -332,7 +335,7 @@ mod tests {
 
     #[test]
     fn passphrase_is_hex() {
-        let k = Kek(Zeroizing::new([0xab; 32]));
+        let k = Kek::from_bytes(&[0xab; 32]);
         assert_eq!(k.passphrase().as_bytes(), "ab".repeat(32).as_bytes());
     }
 }

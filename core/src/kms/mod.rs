@@ -17,10 +17,19 @@ use zeroize::Zeroizing;
 /// Length of a KEK.
 pub const KEK_LEN: usize = 32;
 
-/// A key-encryption key, wiped on drop.
-pub struct Kek(pub Zeroizing<[u8; KEK_LEN]>);
+/// A key-encryption key, wiped on drop. On the heap, so moving a `Kek`
+/// moves a pointer and leaves no copy of the key behind.
+pub struct Kek(pub Box<Zeroizing<[u8; KEK_LEN]>>);
 
 impl Kek {
+    /// A KEK holding a copy of `bytes` (wipe the original yourself, or
+    /// keep it in a `Zeroizing`).
+    pub fn from_bytes(bytes: &[u8; KEK_LEN]) -> Kek {
+        let mut k = Box::new(Zeroizing::new([0u8; KEK_LEN]));
+        k.copy_from_slice(bytes);
+        Kek(k)
+    }
+
     /// The key as 64 lowercase hex characters: the LUKS key slot passphrase
     /// (QEMU accepts only UTF-8 passphrases, so raw bytes cannot be one).
     pub fn passphrase(&self) -> crate::key::Passphrase {

@@ -95,7 +95,12 @@ fn direction_key(
     let okm = prk
         .expand(&info, &AES_256_GCM)
         .map_err(|_| RecordError::Kdf)?;
-    Ok(LessSafeKey::new(UnboundKey::from(okm)))
+    // Through a buffer we wipe: UnboundKey::from(okm) leaves the derived key
+    // in an array of aws-lc-rs's that nothing clears.
+    let mut k = zeroize::Zeroizing::new([0u8; 32]);
+    okm.fill(&mut k[..]).map_err(|_| RecordError::Kdf)?;
+    let key = UnboundKey::new(&AES_256_GCM, &k[..]).map_err(|_| RecordError::Kdf)?;
+    Ok(LessSafeKey::new(key))
 }
 
 /// Derives this side's sealer and opener from the pre-shared key and nonce,

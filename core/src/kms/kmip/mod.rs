@@ -435,7 +435,7 @@ impl KeyProvider for KmipProvider {
             }
             Ok(s.call(Operation::Get, messages::by_id(key_id))?
                 .and_then(|p| messages::key_bytes(&p, key_id))
-                .map(|k| Got::Key(Kek(k))))
+                .map(|k| Got::Key(Kek::from_bytes(&k))))
         })?;
         match got {
             Got::Key(k) => {
