@@ -74,8 +74,9 @@ const PEEK_TIMEOUT: Duration = Duration::from_secs(15);
 const SECRET_TTL: Duration = Duration::from_secs(60);
 /// How long an announced VM is expected.
 const EXPECT_TTL: Duration = Duration::from_secs(3600);
-/// How long an intercepted connection may take to reach a QEMU.
-const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an intercepted connection may take to carry a QEMU's first
+/// bytes.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a later connection waits for the first one's decision.
 const DECISION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -407,19 +408,37 @@ impl Transparent {
         let me = self.clone();
         spawn(&format!("out-{index}"), move || {
             // libvirtd connects the main channel itself and then hands the
-            // socket to QEMU: wait until a QEMU holds it.
+            // socket to QEMU: wait until QEMU sends on it, then see which
+            // QEMU holds it. Not before: an encrypted VM's monitor guard
+            // holds libvirt's socket for a moment, then takes the unix path
+            // and closes it unused; carried anyway, that empty connection
+            // would reach the destination QEMU first and fail the migration.
             let t0 = Instant::now();
             let qemu = loop {
-                if let Some(q) = procnet::qemu_of_connection(peer, orig, me.cfg.qemu_uid) {
-                    break q;
+                match peek(&conn) {
+                    Peeked::Ended => {
+                        tracing::debug!(%peer, %orig, "an intercepted connection closed without data");
+                        if index == 0 {
+                            let _ = group.decision.set(Decision::Failed("closed unused".into()));
+                            group.main_done.store(true, Ordering::Release);
+                            let mut out = lock(&me.out);
+                            if out.get(&orig).is_some_and(|g| Arc::ptr_eq(g, &group)) {
+                                out.remove(&orig);
+                            }
+                        }
+                        return;
+                    }
+                    Peeked::Data => {
+                        if let Some(q) = procnet::qemu_of_connection(peer, orig, me.cfg.qemu_uid) {
+                            break q;
+                        }
+                    }
+                    Peeked::Nothing => {}
                 }
-                if ended_unused(&conn) {
-                    // libvirt's socket, given to a guard that took the unix
-                    // path instead and closed it.
-                    tracing::debug!(%peer, %orig, "an intercepted connection closed without data");
+                if t0.elapsed() > IDENTIFY_TIMEOUT {
+                    tracing::warn!(%peer, %orig, "an intercepted migration connection never carried a libvirt QEMU's stream; closed");
                     if index == 0 {
-                        let _ = group.decision.set(Decision::Failed("closed unused".into()));
-                        group.main_done.store(true, Ordering::Release);
+                        let _ = group.decision.set(Decision::Failed("no QEMU".into()));
                         let mut out = lock(&me.out);
                         if out.get(&orig).is_some_and(|g| Arc::ptr_eq(g, &group)) {
                             out.remove(&orig);
@@ -427,15 +446,7 @@ impl Transparent {
                     }
                     return;
                 }
-                if t0.elapsed() > IDENTIFY_TIMEOUT {
-                    tracing::warn!(%peer, %orig, "an intercepted migration connection never reached a libvirt QEMU; closed");
-                    if index == 0 {
-                        let _ = group.decision.set(Decision::Failed("no QEMU".into()));
-                        lock(&me.out).remove(&orig);
-                    }
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(5));
             };
             me.carry_out(Stream::Tcp(conn), &qemu, orig, &group, index)
         });
@@ -1035,17 +1046,28 @@ fn group_mig(g: &OutGroup) -> Option<&Arc<Migration>> {
     }
 }
 
-/// Whether the peer closed a connection before sending anything.
-fn ended_unused(conn: &TcpStream) -> bool {
+/// What a connection holds, without reading it.
+enum Peeked {
+    /// The peer closed it before sending anything.
+    Ended,
+    /// Bytes are waiting.
+    Data,
+    /// Nothing yet.
+    Nothing,
+}
+
+fn peek(conn: &TcpStream) -> Peeked {
     let mut b = [0u8; 1];
-    matches!(
-        rustix::net::recv(
-            conn,
-            &mut b,
-            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT
-        ),
-        Ok(0)
-    )
+    match rustix::net::recv(
+        conn,
+        &mut b,
+        rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+    ) {
+        Ok(0) => Peeked::Ended,
+        Ok(_) => Peeked::Data,
+        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Peeked::Nothing,
+        Err(_) => Peeked::Ended,
+    }
 }
 
 /// Connects (as this daemon, so not redirected again) to the original
