@@ -186,7 +186,7 @@ fn once() -> Result<()> {
     let (a, b) = (hosts.a(), hosts.b());
     let keystore = share_keystore(&hosts)?;
     let mut da = Some(migrate_daemon(a)?);
-    let _db = migrate_daemon(b)?;
+    let mut db = Some(migrate_daemon(b)?);
     debug_logging(a)?;
     debug_logging(b)?;
     let images = hosts.shared_dir().join("images");
@@ -401,6 +401,76 @@ fn once() -> Result<()> {
         stalled_for
     );
 
+    // Either host's vmcrypt-migrate killed (SIGKILL) at some point of a
+    // migration: the migration fails, the VM runs on exactly one host (the
+    // source) with its RAM, and the restarted daemon carries the next one
+    // (issue 15, the campaign's proxy kills).
+    for trial in 0..4u64 {
+        let source = trial % 2 == 0;
+        let mut mig = a
+            .command("virsh")
+            .args([
+                "-c",
+                "qemu:///system",
+                "migrate",
+                "--live",
+                enc.name,
+                &b.uri(),
+            ])
+            .args(enc.needs)
+            .args(["--bandwidth", "16"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let after = Duration::from_millis(700 + trial * 600);
+        std::thread::sleep(after);
+        let killed = if source { da.take() } else { db.take() };
+        killed.context("a daemon is missing")?.crash()?;
+        let t = Instant::now();
+        let st = loop {
+            if let Some(st) = mig.try_wait()? {
+                break Some(st);
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                let _ = mig.kill();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        .context("a migration whose daemon was killed did not end within 120 s")?;
+        ensure!(
+            !st.success(),
+            "the migration succeeded though a daemon was killed {after:?} into it"
+        );
+        ensure!(
+            enc.state(a) == "running" && enc.state(b) != "running",
+            "after a daemon was killed: {} on vmc-a, {} on vmc-b",
+            enc.state(a),
+            enc.state(b)
+        );
+        enc.has_marker(a)?;
+        if source {
+            da = Some(migrate_daemon(a)?);
+        } else {
+            db = Some(migrate_daemon(b)?);
+        }
+        eprintln!(
+            "transparent: {} vmcrypt-migrate killed {after:?} into a migration: failed, still running on vmc-a",
+            if source { "source" } else { "destination" }
+        );
+    }
+    // The destination's domain of the failed attempts is gone too.
+    let gone = Instant::now();
+    while b.virsh(["domstate", enc.name]).is_ok() && gone.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    ensure!(
+        b.virsh(["domstate", enc.name]).is_err(),
+        "a failed migration left {} on vmc-b",
+        enc.name
+    );
+
     // The source's interception removed (its rules flushed, and the
     // guards' socket out of reach, so the guard falls back to libvirt's
     // TCP socket): the encrypted VM arrives at vmc-b plain, which refuses
@@ -605,7 +675,7 @@ fn once() -> Result<()> {
         "transparent: {files} files on both hosts (libvirtd debug logs included) hold no key; done at {:.0?}",
         t0.elapsed()
     );
-    drop(da);
+    drop((da, db));
     hosts.down()?;
     Ok(())
 }

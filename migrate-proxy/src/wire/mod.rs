@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! source proxy                                   destination proxy
-//!   ClientHello (64 bytes, clear)  ───────────►
-//!                                  ◄───────────  ServerHello (64 bytes, clear)
+//!   ClientHello (128 bytes, clear) ───────────►
+//!                                  ◄───────────  ServerHello (128 bytes, clear)
 //!   encrypted:                     ◄───────────  CONFIRM frame (s2c #0)
 //!              CONFIRM frame (c2s #0) ─────────►
 //!              DATA frames ... END  ───────────►  (to the destination QEMU)
