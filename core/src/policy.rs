@@ -4,7 +4,8 @@ use std::fmt;
 use std::str::FromStr;
 
 /// How a VM's migrations are protected (DESIGN.md, "A policy per VM").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// Never encrypt: the stream is relayed as is.
     Disabled,

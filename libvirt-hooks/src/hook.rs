@@ -168,7 +168,7 @@ fn migrate_begin(xml: &str) -> Result<Option<String>, Refusal> {
         drop(fetch_keys(&meta, &why)?);
     }
     let ctl = paths::migrate_control();
-    let daemon = control::call(&ctl, &Request::new("ping"));
+    let daemon = control::call(&ctl, &Request::Ping {});
     let problem = match &daemon {
         Ok(r) if r.intercept == Some(true) => None,
         Ok(_) => Some(
@@ -192,11 +192,12 @@ fn migrate_begin(xml: &str) -> Result<Option<String>, Refusal> {
             tracing::warn!(domain = %name, "{e}: the migration can only go plain");
         }
     }
-    let mut req = Request::new("expect");
-    req.vm = Some(uuid.clone());
-    req.name = Some(name.clone());
-    req.policy = Some(meta.policy.to_string());
-    req.encrypted = Some(meta.encrypted());
+    let req = Request::Expect {
+        vm: uuid.clone(),
+        name: name.clone(),
+        policy: meta.policy,
+        encrypted: meta.encrypted(),
+    };
     if let Err(e) = control::call(&ctl, &req) {
         if must {
             return Err(refuse(format!(
@@ -254,8 +255,9 @@ fn cleanup(guest: &str, xml: &str) {
     if let Ok(uuid) = fs::read_to_string(dir.join("incoming")) {
         // A migration announced but never completed (the daemon forgets
         // completed ones itself).
-        let mut req = Request::new("forget");
-        req.vm = Some(uuid.trim().to_string());
+        let req = Request::Forget {
+            vm: uuid.trim().to_string(),
+        };
         let _ = control::call(&paths::migrate_control(), &req);
     }
     let _ = fs::remove_dir_all(&dir);

@@ -19,32 +19,99 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use vmcrypt_core::policy::Policy;
 
-/// A control request.
-#[derive(Serialize, Deserialize, Debug, Default)]
-pub struct Request {
-    /// The operation.
-    pub op: String,
-    /// `expect`: the VM's policy.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
-    /// `expect`, `forget`, `last`: the VM's UUID.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub vm: Option<String>,
-    /// `expect`: the domain's name.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// `expect`: whether the VM has encrypted disks.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub encrypted: Option<bool>,
+/// A control request: one JSON object per line, `op` naming it. Unknown
+/// operations, unknown fields and missing ones are refused as malformed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Is the daemon up, and what can it do. (A struct variant: serde
+    /// refuses unknown fields only there.)
+    Ping {},
+    /// The hook announces an incoming VM.
+    Expect {
+        /// The VM's UUID.
+        vm: String,
+        /// The domain's name.
+        name: String,
+        /// Its policy.
+        policy: Policy,
+        /// Whether it has encrypted disks.
+        #[serde(default)]
+        encrypted: bool,
+    },
+    /// The VM is no longer expected.
+    Forget {
+        /// The VM's UUID.
+        vm: String,
+    },
+    /// The VM's last migration through this daemon.
+    Last {
+        /// The VM's UUID.
+        vm: String,
+    },
 }
 
-impl Request {
-    /// A request for `op` with no fields set.
-    pub fn new(op: &str) -> Request {
-        Request {
-            op: op.to_string(),
-            ..Default::default()
+/// Where a migration is.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// Its connections are open.
+    Running,
+    /// It ended with every connection complete.
+    Completed,
+    /// It failed (the reason is in `error`).
+    Failed,
+}
+
+/// How a migration travelled.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Through the daemons' AES-256-GCM tunnel.
+    Encrypted,
+    /// In the clear.
+    Plain,
+}
+
+impl MigrationState {
+    /// Its name on the wire and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationState::Running => "running",
+            MigrationState::Completed => "completed",
+            MigrationState::Failed => "failed",
+        }
+    }
+}
+
+impl Mode {
+    /// Its name on the wire and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Encrypted => "encrypted",
+            Mode::Plain => "plain",
+        }
+    }
+}
+
+/// Which way, seen from this host.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// This host was the source.
+    Out,
+    /// This host was the destination.
+    In,
+}
+
+impl Direction {
+    /// Its name on the wire and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Out => "out",
+            Direction::In => "in",
         }
     }
 }
@@ -69,13 +136,10 @@ pub struct Response {
     /// `ping`: this daemon can encrypt.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt: Option<bool>,
-    /// `arm-source`: the address QEMU should migrate to.
+    /// `last`: where the migration is.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<String>,
-    /// `status`: armed, running, completed or failed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
-    /// `status`: stream bytes moved.
+    pub state: Option<MigrationState>,
+    /// `last`: stream bytes moved.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
     /// `ping`: the IPv4 interception rules are in place.
@@ -86,10 +150,10 @@ pub struct Response {
     pub intercept6: Option<bool>,
     /// `last`: encrypted or plain.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
+    pub mode: Option<Mode>,
     /// `last`: out or in.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub direction: Option<String>,
+    pub direction: Option<Direction>,
     /// `last`: connections of the migration.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<u32>,
@@ -159,4 +223,66 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, ControlError> {
         ));
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Request, serde_json::Error> {
+        serde_json::from_str(s)
+    }
+
+    #[test]
+    fn requests_are_typed_and_strict() {
+        assert_eq!(parse(r#"{"op":"ping"}"#).unwrap(), Request::Ping {});
+        let e = Request::Expect {
+            vm: "6f1c2a3e-0b7d-4c55-9a11-000000000001".into(),
+            name: "vm1".into(),
+            policy: Policy::Required,
+            encrypted: true,
+        };
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(text.contains(r#""op":"expect""#) && text.contains(r#""policy":"required""#));
+        assert_eq!(parse(&text).unwrap(), e);
+        // `encrypted` defaults to false; everything else is required.
+        assert!(matches!(
+            parse(r#"{"op":"expect","vm":"x","name":"n","policy":"opportunistic"}"#).unwrap(),
+            Request::Expect {
+                encrypted: false,
+                policy: Policy::Opportunistic,
+                ..
+            }
+        ));
+        for bad in [
+            r#"{"op":"arm-dest","id":"00"}"#,
+            r#"{"op":"ping","key":"00"}"#,
+            r#"{"op":"last"}"#,
+            r#"{"op":"expect","vm":"x","name":"n","policy":"sometimes"}"#,
+            r#"{"vm":"x"}"#,
+            r#"{"op":"forget","vm":"x","extra":1}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn responses_name_states() {
+        let r = Response {
+            ok: true,
+            state: Some(MigrationState::Completed),
+            mode: Some(Mode::Encrypted),
+            direction: Some(Direction::Out),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(
+            text.contains(r#""state":"completed""#)
+                && text.contains(r#""mode":"encrypted""#)
+                && text.contains(r#""direction":"out""#),
+            "{text}"
+        );
+        let back: Response = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+    }
 }

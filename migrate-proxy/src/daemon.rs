@@ -10,8 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmcrypt_core::policy::Policy;
-
 use crate::addr::Addr;
 use crate::control::{Request, Response};
 use crate::netfilter::{Family, Rules};
@@ -40,8 +38,8 @@ impl Daemon {
     }
 
     fn dispatch(self: &Arc<Self>, req: &Request) -> Result<Response, String> {
-        match req.op.as_str() {
-            "ping" => Ok(Response {
+        match req {
+            Request::Ping {} => Ok(Response {
                 ok: true,
                 version: Some(2),
                 encrypt: Some(true),
@@ -49,49 +47,41 @@ impl Daemon {
                 intercept6: Some(self.rules.is_some_and(|r| r.present(Family::V6))),
                 ..Default::default()
             }),
-            "expect" => {
-                let vm = vm_of(req)?;
-                let policy: Policy = field(req.policy.as_deref(), "policy")?
-                    .parse()
-                    .map_err(|e: vmcrypt_core::policy::UnknownPolicy| e.to_string())?;
-                let name = field(req.name.as_deref(), "name")?.to_string();
-                let encrypted = req.encrypted.unwrap_or(false);
+            Request::Expect {
+                vm,
+                name,
+                policy,
+                encrypted,
+            } => {
+                let uuid = uuid_of(vm)?;
                 tracing::info!(vm = %name, %policy, encrypted, "expecting an incoming migration");
-                self.transparent.expect(vm, name, policy, encrypted);
+                self.transparent
+                    .expect(uuid, name.clone(), *policy, *encrypted);
                 Ok(Response::ok())
             }
-            "forget" => {
-                self.transparent.forget(&vm_of(req)?);
+            Request::Forget { vm } => {
+                self.transparent.forget(&uuid_of(vm)?);
                 Ok(Response::ok())
             }
-            "last" => {
-                let vm = vm_of(req)?;
-                match self.transparent.record(&vm) {
-                    None => Err("no migration of this VM went through this daemon".into()),
-                    Some(r) => Ok(Response {
-                        ok: true,
-                        state: Some(r.state.into()),
-                        mode: Some(r.mode.into()),
-                        direction: Some(r.direction.into()),
-                        bytes: Some(r.bytes),
-                        error: r.reason,
-                        connections: Some(r.connections),
-                        seq: Some(r.seq),
-                        ..Default::default()
-                    }),
-                }
-            }
-            other => Err(format!("unknown operation {other:?}")),
+            Request::Last { vm } => match self.transparent.record(&uuid_of(vm)?) {
+                None => Err("no migration of this VM went through this daemon".into()),
+                Some(r) => Ok(Response {
+                    ok: true,
+                    state: Some(r.state),
+                    mode: Some(r.mode),
+                    direction: Some(r.direction),
+                    bytes: Some(r.bytes),
+                    error: r.reason,
+                    connections: Some(r.connections),
+                    seq: Some(r.seq),
+                    ..Default::default()
+                }),
+            },
         }
     }
 }
 
-fn field<'a>(v: Option<&'a str>, name: &str) -> Result<&'a str, String> {
-    v.ok_or_else(|| format!("missing field {name:?}"))
-}
-
-fn vm_of(req: &Request) -> Result<[u8; 16], String> {
-    let v = field(req.vm.as_deref(), "vm")?;
+fn uuid_of(v: &str) -> Result<[u8; 16], String> {
     parse_uuid(v).ok_or_else(|| format!("{v:?} is not a UUID"))
 }
 

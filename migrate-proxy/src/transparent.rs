@@ -47,6 +47,7 @@ use vmcrypt_core::kms::config::Providers;
 use vmcrypt_core::policy::Policy;
 
 use crate::addr::Stream;
+use crate::control::{Direction, MigrationState, Mode};
 use crate::error::ProxyError;
 use crate::migration::Migration;
 use crate::procnet::{self, QemuProcess};
@@ -138,12 +139,12 @@ pub struct Record {
     /// Which migration through this daemon (counts up from 1), so a caller
     /// can tell a new record from the one before its migration.
     pub seq: u64,
-    /// `out` (this host was the source) or `in`.
-    pub direction: &'static str,
+    /// This host was the source (`out`) or the destination (`in`).
+    pub direction: Direction,
     /// `encrypted` or `plain`.
-    pub mode: &'static str,
+    pub mode: Mode,
     /// `running`, `completed` or `failed`.
-    pub state: &'static str,
+    pub state: MigrationState,
     /// Stream bytes moved.
     pub bytes: u64,
     /// Why it failed, or why it went plain.
@@ -155,9 +156,9 @@ pub struct Record {
 impl Record {
     /// A record with nothing moved yet (its `seq` is set when it is kept).
     fn new(
-        direction: &'static str,
-        mode: &'static str,
-        state: &'static str,
+        direction: Direction,
+        mode: Mode,
+        state: MigrationState,
         reason: Option<String>,
     ) -> Record {
         Record {
@@ -595,7 +596,7 @@ impl Transparent {
             Ok(m) => m,
             Err(e) => {
                 let why = format!("refusing to carry {name}'s migration: {e}");
-                self.fail_out(qemu, &why, "encrypted");
+                self.fail_out(qemu, &why, Mode::Encrypted);
                 return Err(why);
             }
         };
@@ -608,7 +609,7 @@ impl Transparent {
                 policy: meta.policy,
                 crypto: None,
             }));
-            self.begin_out(qemu, "plain", Some(why));
+            self.begin_out(qemu, Mode::Plain, Some(why));
             mig.start_connection(&[local]).map_err(|e| e.to_string())?;
             let peer = open_plain(&mig, orig).map_err(|e| {
                 mig.fail(e.to_string());
@@ -644,7 +645,7 @@ impl Transparent {
             });
         match encrypted {
             Ok((mig, conn)) => {
-                self.begin_out(qemu, "encrypted", None);
+                self.begin_out(qemu, Mode::Encrypted, None);
                 tracing::info!(vm = %name, dest = %orig, "migrating encrypted");
                 Ok((Decision::Encrypted(mig), conn))
             }
@@ -658,7 +659,7 @@ impl Transparent {
                     }
                 );
                 tracing::warn!(vm = %name, dest = %orig, "{why}");
-                self.fail_out(qemu, &why, "encrypted");
+                self.fail_out(qemu, &why, Mode::Encrypted);
                 Err(why)
             }
             Err(why) => {
@@ -695,14 +696,22 @@ impl Transparent {
         Ok((peer, s))
     }
 
-    fn begin_out(&self, qemu: &QemuProcess, mode: &'static str, reason: Option<String>) {
-        self.set_record(qemu.uuid, Record::new("out", mode, "running", reason));
-    }
-
-    fn fail_out(&self, qemu: &QemuProcess, why: &str, mode: &'static str) {
+    fn begin_out(&self, qemu: &QemuProcess, mode: Mode, reason: Option<String>) {
         self.set_record(
             qemu.uuid,
-            Record::new("out", mode, "failed", Some(why.to_string())),
+            Record::new(Direction::Out, mode, MigrationState::Running, reason),
+        );
+    }
+
+    fn fail_out(&self, qemu: &QemuProcess, why: &str, mode: Mode) {
+        self.set_record(
+            qemu.uuid,
+            Record::new(
+                Direction::Out,
+                mode,
+                MigrationState::Failed,
+                Some(why.to_string()),
+            ),
         );
     }
 
@@ -729,17 +738,18 @@ impl Transparent {
             r.connections = mig.connections();
             match outcome {
                 Ok(b) => {
-                    r.state = "completed";
+                    r.state = MigrationState::Completed;
                     r.bytes = b;
                 }
                 Err(e) => {
-                    r.state = "failed";
+                    r.state = MigrationState::Failed;
                     r.reason = Some(e);
                 }
             }
             tracing::info!(
-                vm = %procnet::format_uuid(&vm), direction = r.direction, mode = r.mode,
-                state = r.state, bytes = r.bytes, connections = r.connections,
+                vm = %procnet::format_uuid(&vm), direction = r.direction.as_str(),
+                mode = r.mode.as_str(), state = r.state.as_str(), bytes = r.bytes,
+                connections = r.connections,
                 "migration over"
             );
         }
@@ -879,7 +889,15 @@ impl Transparent {
             }
         };
         if new {
-            self.set_record(vm, Record::new("in", "encrypted", "running", None));
+            self.set_record(
+                vm,
+                Record::new(
+                    Direction::In,
+                    Mode::Encrypted,
+                    MigrationState::Running,
+                    None,
+                ),
+            );
             self.watch_in(id, vm, since, mig.clone());
         }
         if mig.failed() || !mig.claim_index(index) {
@@ -961,7 +979,12 @@ impl Transparent {
                 q.uuid,
                 Record {
                     connections: 1,
-                    ..Record::new("in", "plain", "failed", Some(why.clone()))
+                    ..Record::new(
+                        Direction::In,
+                        Mode::Plain,
+                        MigrationState::Failed,
+                        Some(why.clone()),
+                    )
                 },
             );
             return refuse(why);
@@ -971,9 +994,9 @@ impl Transparent {
             self.set_record(
                 q.uuid,
                 Record::new(
-                    "in",
-                    "plain",
-                    "running",
+                    Direction::In,
+                    Mode::Plain,
+                    MigrationState::Running,
                     Some("the source sent it plain".into()),
                 ),
             );

@@ -343,7 +343,7 @@ fn check_apparmor() -> Check {
 fn check_migrate_daemon(peers: &[String]) -> Vec<Check> {
     let mut out = Vec::new();
     let ctl = paths::migrate_control();
-    match control::call(&ctl, &Request::new("ping")) {
+    match control::call(&ctl, &Request::Ping {}) {
         Ok(r) => {
             out.push(ok(
                 "migrate-daemon",

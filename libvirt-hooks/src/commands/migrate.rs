@@ -25,7 +25,7 @@ use virt::domain::{Domain, MigrateParameters};
 use virt::sys;
 use vmcrypt_core::domain::VmMetadata;
 use vmcrypt_core::policy::Policy;
-use vmcrypt_migrate::control::{self, Request, Response};
+use vmcrypt_migrate::control::{self, Direction, MigrationState, Request, Response};
 
 use crate::output;
 use vmcrypt_cli::paths;
@@ -167,11 +167,11 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
     let result = migrate(&dom, a, params, flags);
     drop(progress);
     let record = last_record(&uuid)
-        .filter(|r| r.seq.unwrap_or(0) > before && r.direction.as_deref() == Some("out"));
+        .filter(|r| r.seq.unwrap_or(0) > before && r.direction == Some(Direction::Out));
     if let Err(e) = result {
         let mut msg = format!("migration of {} failed: {e}", a.domain);
         if let Some(r) = &record {
-            if r.state.as_deref() == Some("failed") {
+            if r.state == Some(MigrationState::Failed) {
                 if let Some(why) = &r.error {
                     msg.push_str(&format!("; vmcrypt-migrate: {why}"));
                 }
@@ -185,7 +185,9 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     let (mode, reason, bytes, connections) = match &record {
         Some(r) => (
-            r.mode.clone().unwrap_or_else(|| "unknown".into()),
+            r.mode
+                .map(|m| m.as_str().to_string())
+                .unwrap_or_else(|| "unknown".into()),
             r.error.clone(),
             r.bytes,
             r.connections,
@@ -234,8 +236,9 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
 
 /// The sequence number of the local daemon's record of the VM (0: none).
 fn record_seq(uuid: &str) -> u64 {
-    let mut req = Request::new("last");
-    req.vm = Some(uuid.to_string());
+    let req = Request::Last {
+        vm: uuid.to_string(),
+    };
     control::call(&paths::migrate_control(), &req)
         .ok()
         .and_then(|r| r.seq)
@@ -247,11 +250,12 @@ fn record_seq(uuid: &str) -> u64 {
 fn last_record(uuid: &str) -> Option<Response> {
     let t0 = Instant::now();
     loop {
-        let mut req = Request::new("last");
-        req.vm = Some(uuid.to_string());
+        let req = Request::Last {
+            vm: uuid.to_string(),
+        };
         let r = control::call(&paths::migrate_control(), &req).ok();
         match &r {
-            Some(resp) if resp.state.as_deref() == Some("running") => {
+            Some(resp) if resp.state == Some(MigrationState::Running) => {
                 if t0.elapsed() > Duration::from_secs(5) {
                     return r;
                 }
@@ -344,7 +348,7 @@ fn one_line(s: &str) -> String {
 /// `required` or encrypted one): see docs/security.md.
 fn ready_to_encrypt(peer: &str) -> Result<(), String> {
     let ctl = paths::migrate_control();
-    let ping = control::call(&ctl, &Request::new("ping"))
+    let ping = control::call(&ctl, &Request::Ping {})
         .map_err(|e| format!("this host's vmcrypt-migrate daemon does not answer ({e})"))?;
     if ping.intercept != Some(true) {
         return Err("this host's vmcrypt-migrate does not intercept migrations (its netfilter rules are missing; restart vmcrypt-migrate)".into());
