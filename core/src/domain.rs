@@ -80,6 +80,12 @@ impl VmMetadata {
         self.disks.iter().any(|d| d.key.is_some())
     }
 
+    /// Whether this VM may only migrate encrypted
+    /// ([`crate::policy::must_migrate_encrypted`]).
+    pub fn must_migrate_encrypted(&self) -> bool {
+        crate::policy::must_migrate_encrypted(self.policy, self.encrypted())
+    }
+
     /// The disk with this target.
     pub fn disk(&self, target: &str) -> Option<&Disk> {
         self.disks.iter().find(|d| d.target == target)

@@ -16,6 +16,13 @@ pub enum Policy {
     Required,
 }
 
+/// The rule: a VM with an encrypted disk, or whose policy is `required`,
+/// never migrates in plaintext. The one place it is written; the hook, the
+/// CLI and the migration daemon all ask here.
+pub fn must_migrate_encrypted(policy: Policy, encrypted: bool) -> bool {
+    encrypted || policy == Policy::Required
+}
+
 impl Policy {
     /// The name used on command lines and in domain metadata.
     pub fn as_str(self) -> &'static str {
@@ -61,5 +68,29 @@ mod tests {
         }
         assert!("plain".parse::<Policy>().is_err());
         assert_eq!(Policy::default(), Policy::Opportunistic);
+    }
+}
+
+#[cfg(test)]
+mod must_tests {
+    use super::*;
+
+    /// The whole table: encrypted VMs and `required` ones never go plain.
+    #[test]
+    fn must_migrate_encrypted_table() {
+        for (policy, encrypted, want) in [
+            (Policy::Disabled, false, false),
+            (Policy::Opportunistic, false, false),
+            (Policy::Required, false, true),
+            (Policy::Disabled, true, true),
+            (Policy::Opportunistic, true, true),
+            (Policy::Required, true, true),
+        ] {
+            assert_eq!(
+                must_migrate_encrypted(policy, encrypted),
+                want,
+                "{policy:?} {encrypted}"
+            );
+        }
     }
 }

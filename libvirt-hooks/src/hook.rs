@@ -148,7 +148,7 @@ fn migrate_begin(xml: &str) -> Result<Option<String>, Refusal> {
     let (def, meta) = parse(xml)?;
     let name = &def.name;
     let why = format!("cannot migrate {name} to this host");
-    let must = meta.encrypted() || meta.policy == Policy::Required;
+    let must = meta.must_migrate_encrypted();
     let must_why = if meta.encrypted() {
         "it is encrypted"
     } else {

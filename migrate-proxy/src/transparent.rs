@@ -128,7 +128,7 @@ pub struct Expectation {
 impl Expectation {
     /// Whether this VM may arrive plain.
     pub fn plain_allowed(&self) -> bool {
-        !self.encrypted && self.policy != Policy::Required
+        !vmcrypt_core::policy::must_migrate_encrypted(self.policy, self.encrypted)
     }
 }
 
@@ -600,7 +600,7 @@ impl Transparent {
                 return Err(why);
             }
         };
-        let must = meta.encrypted() || meta.policy == Policy::Required;
+        let must = meta.must_migrate_encrypted();
         let id = MigrationId(random16());
         // Plain: this daemon connects to the original destination itself.
         let go_plain = |why: String| {

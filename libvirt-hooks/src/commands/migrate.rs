@@ -100,7 +100,7 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
     let uuid = dom
         .uuid_string()
         .map_err(|e| anyhow::anyhow!("cannot read {}'s UUID: {}", a.domain, e.message()))?;
-    let must_encrypt = meta.encrypted() || meta.policy == Policy::Required;
+    let must_encrypt = meta.must_migrate_encrypted();
     let dest_host = uri_host(&a.dest_uri)?;
     let peer = a
         .peer
