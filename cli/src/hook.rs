@@ -19,7 +19,7 @@ use vmcrypt_core::kms::config::Providers;
 use vmcrypt_core::policy::Policy;
 use vmcrypt_migrate::control::{self, Request};
 
-use crate::backends::{self, BackendSpec};
+use crate::blk_processes::{self, BackendSpec};
 use crate::domxml::DomainDef;
 use crate::paths::{self, DomainKey};
 use crate::qemu_user;
@@ -125,13 +125,13 @@ fn prepare(xml: &str) -> Result<(), Refusal> {
             .iter()
             .position(|(t, _)| *t == d.target)
             .map(|i| keys.swap_remove(i).1);
-        match backends::start(&def.name, &key, &spec, pass.as_ref()) {
+        match blk_processes::start(&def.name, &key, &spec, pass.as_ref()) {
             Ok(pid) => tracing::info!(
                 domain = %def.name, disk = %d.target, pid,
                 encrypted = pass.is_some(), "started vmcrypt-blk"
             ),
             Err(e) => {
-                backends::stop_all(&key);
+                blk_processes::stop_all(&key);
                 return Err(refuse(format!("{why}: {e}")));
             }
         }
@@ -250,7 +250,7 @@ fn cleanup(guest: &str, xml: &str) {
             return;
         }
     };
-    let n = backends::stop_all(&key);
+    let n = blk_processes::stop_all(&key);
     let dir = paths::domain_dir(&key);
     if let Ok(uuid) = fs::read_to_string(dir.join("incoming")) {
         // A migration announced but never completed (the daemon forgets

@@ -395,9 +395,9 @@ pub fn serve(image: &Path, blk_args: &[String]) -> anyhow::Result<()> {
     let kek = providers
         .open(&key_ref.provider)?
         .get_key(&key_ref.key_id)?;
-    let pipe = vmcrypt_cli::backends::KeyPipe::new(&kek.passphrase())?;
+    let pipe = vmcrypt_cli::blk_processes::KeyPipe::new(&kek.passphrase())?;
     drop(kek);
-    let blk = vmcrypt_cli::backends::blk_binary();
+    let blk = vmcrypt_cli::blk_processes::blk_binary();
     let mut cmd = std::process::Command::new(&blk);
     cmd.arg("--image")
         .arg(image)

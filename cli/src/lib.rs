@@ -2,7 +2,7 @@
 //! `vmcrypt-hook` (the libvirt qemu hook).
 #![deny(missing_docs)]
 
-pub mod backends;
+pub mod blk_processes;
 pub mod convert_xml;
 pub mod domxml;
 pub mod hook;
