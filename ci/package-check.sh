@@ -1,6 +1,6 @@
 #!/bin/bash
 # Checks the Debian package the way an operator meets it, with apt and dpkg:
-# it installs, puts every file where DESIGN.md says, `apt-get remove` and
+# it installs, puts every file where docs/design.md says, `apt-get remove` and
 # `apt-get purge` leave the keys (encrypted VMs stay recoverable) and purge
 # says where they are; it is installed again at the end.
 #

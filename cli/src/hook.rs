@@ -1,5 +1,5 @@
 //! The libvirt qemu hook (`/etc/libvirt/hooks/qemu GUEST OP SUBOP EXTRA`,
-//! the domain XML on stdin), as DESIGN.md "Control plane" describes:
+//! the domain XML on stdin), as docs/design.md "Control plane" describes:
 //!
 //! | event | what the hook does |
 //! |---|---|
@@ -142,7 +142,7 @@ fn prepare(xml: &str) -> Result<(), Refusal> {
 /// Destination, before any memory arrives: decide whether this host may
 /// receive the VM and announce it to the local vmcrypt-migrate, which then
 /// accepts its migration connections: encrypted ones from the source's
-/// daemon, plain ones only if the policy allows (DESIGN.md "Control
+/// daemon, plain ones only if the policy allows (docs/design.md "Control
 /// plane"). Nothing here rewrites the XML: no key travels in it.
 fn migrate_begin(xml: &str) -> Result<Option<String>, Refusal> {
     let (def, meta) = parse(xml)?;

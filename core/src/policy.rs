@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// How a VM's migrations are protected (DESIGN.md, "A policy per VM").
+/// How a VM's migrations are protected (docs/design.md, "A policy per VM").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {

@@ -144,7 +144,7 @@ pub fn group_gid(name: &str) -> Option<u32> {
 }
 
 /// The group whose members may use vmcrypt's key operations besides root
-/// (DESIGN.md "Roles").
+/// (docs/design.md "Roles").
 pub const ADMIN_GROUP: &str = "vmcrypt-admin";
 
 /// Whether the peer of `fd` is root or a member of [`ADMIN_GROUP`]

@@ -1,5 +1,5 @@
 //! The netfilter rules that put the daemon in the path of every QEMU
-//! migration connection, whoever started the migration (DESIGN.md "Data
+//! migration connection, whoever started the migration (docs/design.md "Data
 //! path: migration"):
 //!
 //! - **outgoing** (`nat OUTPUT`): TCP connections to libvirt's migration

@@ -1,5 +1,5 @@
 //! `vmcrypt policy|encrypt|status` on libvirt domains: the VM-level
-//! view (DESIGN.md "What users get", points 1 and 3).
+//! view (docs/design.md "What users get", points 1 and 3).
 //!
 //! A domain's vmcrypt disks are listed in its `<vmcrypt:vm>` metadata
 //! (`vmcrypt_core::domain`). Encrypting a domain encrypts each of them and

@@ -4,7 +4,7 @@
 //!
 //! The encryption itself is the same as for any `virsh migrate`: both
 //! hosts' vmcrypt-migrate daemons carry QEMU's migration connections and
-//! agree on the keys between themselves (DESIGN.md "Control plane"). This
+//! agree on the keys between themselves (docs/design.md "Control plane"). This
 //! command adds what a plain `virsh migrate` cannot:
 //! 1. before: the domain's policy against what both hosts can do (this
 //!    host's daemon intercepts, the destination's daemon answers), so a

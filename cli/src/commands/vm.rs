@@ -1,5 +1,5 @@
 //! `vmcrypt encrypt DOMAIN`, `vmcrypt decrypt DOMAIN` and `vmcrypt disk
-//! add DOMAIN` on ordinary libvirt VMs (DESIGN.md "Real hosts").
+//! add DOMAIN` on ordinary libvirt VMs (docs/design.md "Real hosts").
 //!
 //! # A conversion is a transaction
 //! Each run writes its plan to a journal, `STATE_DIR/conversions/UUID.json`

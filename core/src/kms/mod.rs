@@ -152,7 +152,7 @@ pub const CLUSTER_SECRET_LABEL: &str = "vmcrypt-cluster-secret";
 
 /// The provider's cluster secret: the pre-shared key with which the
 /// migration proxies of hosts sharing this provider authenticate their key
-/// exchange (DESIGN.md "Control plane"). It is an ordinary provider key
+/// exchange (docs/design.md "Control plane"). It is an ordinary provider key
 /// named [`CLUSTER_SECRET_LABEL`]; with `create`, one is made if none
 /// exists. Two hosts creating one at the same moment both succeed, and both
 /// then use the one with the smallest id, so they still agree.
