@@ -22,8 +22,9 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use crate::key::Passphrase;
+use crate::keyref;
 use crate::kms::KeyRef;
-use crate::luks::{self, keyref, CreateOptions, Header, LuksError, SECTOR};
+use crate::luks::{self, CreateOptions, Header, LuksError, SECTOR};
 use crate::xts::SectorCipher;
 
 /// Bytes converted per step.

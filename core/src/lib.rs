@@ -1,19 +1,17 @@
-//! Code shared by the vmcrypt programs: key material, the XTS data cipher and
-//! the LUKS1 container.
+//! Code the vmcrypt programs share about keys and VMs: key providers (KMIP,
+//! the embedded keystore), domain metadata and policy, image conversion,
+//! the save-file format. The cryptography lives in `vmcrypt-crypto`,
+//! re-exported here under the same paths.
 #![deny(missing_docs)]
+
+pub use vmcrypt_crypto::{hardening, key, logging, luks, mapping, unixsock, xts};
 
 pub mod convert;
 pub mod domain;
 pub mod fsutil;
-pub mod hardening;
-pub mod key;
+pub mod keyref;
 pub mod kms;
-pub mod logging;
-pub mod luks;
-pub mod mapping;
 pub mod policy;
 pub mod qemu_conf;
 pub mod savefile;
 pub mod size;
-pub mod unixsock;
-pub mod xts;

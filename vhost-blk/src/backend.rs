@@ -69,7 +69,7 @@ impl BlkBackend {
         opts: DeviceOptions,
         mem: GuestMemAtomic,
         gate: Arc<PeerGate>,
-    ) -> Result<Self, vmcrypt_core::xts::XtsError> {
+    ) -> Result<Self, vmcrypt_crypto::xts::XtsError> {
         let workers = (0..opts.num_queues)
             .map(|_| Worker::new(disk.clone()).map(Mutex::new))
             .collect::<Result<_, _>>()?;

@@ -9,8 +9,8 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use vmcrypt_core::key::{KeyError, Passphrase};
-use vmcrypt_core::luks::{self, LuksError, MasterKey};
+use vmcrypt_crypto::key::{KeyError, Passphrase};
+use vmcrypt_crypto::luks::{self, LuksError, MasterKey};
 
 /// Largest serial the virtio-blk GET_ID request returns.
 pub const SERIAL_LEN: usize = 20;
@@ -144,7 +144,7 @@ impl Disk {
         };
         drop(probe);
         if let Some(k) = &key {
-            if !vmcrypt_core::hardening::lock_memory(k) {
+            if !vmcrypt_crypto::hardening::lock_memory(k) {
                 tracing::warn!("could not lock the disk key in RAM (RLIMIT_MEMLOCK)");
             }
         }

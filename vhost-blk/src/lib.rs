@@ -13,8 +13,8 @@ pub mod backend;
 pub mod disk;
 pub mod io;
 pub mod owner;
-/// The image mapping (shared with conversions in `vmcrypt_core`).
-pub use vmcrypt_core::mapping;
+/// The image mapping (shared with conversions in `vmcrypt_crypto`).
+pub use vmcrypt_crypto::mapping;
 pub mod request;
 pub mod server;
 pub mod socket;

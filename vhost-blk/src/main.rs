@@ -54,7 +54,7 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    vmcrypt_core::logging::init("info");
+    vmcrypt_crypto::logging::init("info");
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     // Before any key is read: this process must never dump its memory.
-    vmcrypt_core::hardening::forbid_core_dumps()
+    vmcrypt_crypto::hardening::forbid_core_dumps()
         .map_err(|e| anyhow::anyhow!("cannot make the process non-dumpable: {e}"))?;
     let disk = Disk::open(&DiskConfig {
         image: args.image,

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-pub use vmcrypt_core::unixsock::{bind, peer_cred, Owner, PeerCred};
+pub use vmcrypt_crypto::unixsock::{bind, peer_cred, Owner, PeerCred};
 
 /// The uids that may use the disk: root, this process's own, and the owner.
 pub fn allowed_uids(owner: Option<Owner>) -> BTreeSet<u32> {

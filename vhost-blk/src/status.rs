@@ -43,7 +43,7 @@ pub enum ExecuteError {
     Io(#[from] std::io::Error),
     /// The cipher failed.
     #[error("cipher failed: {0}")]
-    Cipher(#[from] vmcrypt_core::xts::XtsError),
+    Cipher(#[from] vmcrypt_crypto::xts::XtsError),
 }
 
 impl ExecuteError {

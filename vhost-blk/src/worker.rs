@@ -20,7 +20,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
 use vm_memory::bitmap::{Bitmap, BitmapSlice};
 use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
-use vmcrypt_core::xts::{SectorCipher, XtsError};
+use vmcrypt_crypto::xts::{SectorCipher, XtsError};
 
 use crate::disk::{Disk, SERIAL_LEN};
 use crate::io::{fallocate, transfer_all, transfer_buf, AlignedBuf};

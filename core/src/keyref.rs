@@ -16,8 +16,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::{Header, LuksError, SECTOR};
 use crate::kms::KeyRef;
+use crate::luks::{Header, LuksError, SECTOR};
 
 const MAGIC: &[u8; 8] = b"VMCKREF1";
 /// First sector of the block.

@@ -10,7 +10,6 @@
 mod af;
 mod hash;
 mod header;
-pub mod keyref;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
