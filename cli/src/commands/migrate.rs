@@ -74,6 +74,71 @@ struct Outcome<'a> {
     seconds: f64,
 }
 
+/// How a migration is expected to travel, decided before it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Through the two hosts' daemons, AES-256-GCM.
+    Encrypted,
+    /// In the clear, and why that is allowed.
+    Plain(String),
+    /// Not at all, and why.
+    Refuse(String),
+}
+
+/// The decision of `vmcrypt migrate`, from the VM's policy, whether it has
+/// encrypted disks, and `probe`: whether this host's daemon and the peer's
+/// can encrypt (asked only when it matters). Pure: table-tested below.
+pub fn plan(policy: Policy, encrypted: bool, probe: impl FnOnce() -> Result<(), String>) -> Plan {
+    let must = vmcrypt_core::policy::must_migrate_encrypted(policy, encrypted);
+    if !must && policy == Policy::Disabled {
+        return Plan::Plain("policy disabled".into());
+    }
+    match probe() {
+        Ok(()) => Plan::Encrypted,
+        Err(why) if must => Plan::Refuse(format!(
+            "{}, but {why}",
+            if encrypted {
+                "it is encrypted"
+            } else {
+                "its policy is required"
+            }
+        )),
+        Err(why) => Plan::Plain(format!("{why}; policy opportunistic allows plain")),
+    }
+}
+
+/// What shapes libvirt's migration call.
+#[derive(Debug, Clone, Copy)]
+pub struct FlagInputs {
+    /// `--p2p`.
+    pub p2p: bool,
+    /// `--parallel N`.
+    pub parallel: bool,
+    /// The domain is persistent (defined) on this host.
+    pub persistent: bool,
+    /// `--keep-source`.
+    pub keep_source: bool,
+}
+
+/// libvirt's migration flags for these inputs: always live; a persistent
+/// domain is defined on the destination and (unless kept) undefined here.
+pub fn libvirt_flags(i: &FlagInputs) -> u32 {
+    let mut flags = sys::VIR_MIGRATE_LIVE;
+    if i.p2p {
+        flags |= sys::VIR_MIGRATE_PEER2PEER;
+    }
+    if i.persistent {
+        flags |= sys::VIR_MIGRATE_PERSIST_DEST;
+        if !i.keep_source {
+            flags |= sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+        }
+    }
+    if i.parallel {
+        flags |= sys::VIR_MIGRATE_PARALLEL;
+    }
+    flags
+}
+
 /// `vmcrypt migrate`.
 pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
     virt::error::clear_error_callback();
@@ -100,42 +165,22 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
     let uuid = dom
         .uuid_string()
         .map_err(|e| anyhow::anyhow!("cannot read {}'s UUID: {}", a.domain, e.message()))?;
-    let must_encrypt = meta.must_migrate_encrypted();
     let dest_host = uri_host(&a.dest_uri)?;
     let peer = a
         .peer
         .clone()
         .unwrap_or_else(|| format!("{}:{}", bracket(&dest_host), paths::MIGRATE_PORT));
-    let why_must = if meta.encrypted() {
-        "it is encrypted"
-    } else {
-        "its policy is required"
+    let expected = match plan(meta.policy, meta.encrypted(), || ready_to_encrypt(&peer)) {
+        Plan::Encrypted => Ok(()),
+        Plan::Plain(why) => Err(why),
+        Plan::Refuse(why) => bail!("refusing to migrate {}: {why}", a.domain),
     };
-    let expected = if !must_encrypt && meta.policy == Policy::Disabled {
-        Err("policy disabled".to_string())
-    } else {
-        match ready_to_encrypt(&peer) {
-            Ok(()) => Ok(()),
-            Err(why) if must_encrypt => {
-                bail!("refusing to migrate {}: {why_must}, but {why}", a.domain)
-            }
-            Err(why) => Err(format!("{why}; policy opportunistic allows plain")),
-        }
-    };
-    let persistent = dom.is_persistent().unwrap_or(false);
-    let mut flags = sys::VIR_MIGRATE_LIVE;
-    if a.p2p {
-        flags |= sys::VIR_MIGRATE_PEER2PEER;
-    }
-    if persistent {
-        flags |= sys::VIR_MIGRATE_PERSIST_DEST;
-        if !a.keep_source {
-            flags |= sys::VIR_MIGRATE_UNDEFINE_SOURCE;
-        }
-    }
-    if a.parallel.is_some() {
-        flags |= sys::VIR_MIGRATE_PARALLEL;
-    }
+    let flags = libvirt_flags(&FlagInputs {
+        p2p: a.p2p,
+        parallel: a.parallel.is_some(),
+        persistent: dom.is_persistent().unwrap_or(false),
+        keep_source: a.keep_source,
+    });
     let t0 = Instant::now();
     if !a.json {
         println!(
@@ -397,6 +442,83 @@ fn bracket(host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every policy x disks x peer case: encrypted VMs and `required` ones
+    /// never go plain; the peer is probed only when it matters.
+    #[test]
+    fn plan_table() {
+        let ok = || Ok(());
+        let down = || Err("vmc-b's vmcrypt-migrate does not answer".to_string());
+        for (policy, encrypted) in [
+            (Policy::Disabled, false),
+            (Policy::Opportunistic, false),
+            (Policy::Required, false),
+            (Policy::Disabled, true),
+            (Policy::Opportunistic, true),
+            (Policy::Required, true),
+        ] {
+            let must = encrypted || policy == Policy::Required;
+            let mut probed = false;
+            let up = plan(policy, encrypted, || {
+                probed = true;
+                ok()
+            });
+            let broken = plan(policy, encrypted, down);
+            match (policy, must) {
+                (Policy::Disabled, false) => {
+                    assert!(!probed, "a disabled plain VM probed the peer");
+                    assert_eq!(up, Plan::Plain("policy disabled".into()));
+                    assert_eq!(broken, up);
+                }
+                (_, false) => {
+                    assert_eq!(up, Plan::Encrypted);
+                    assert!(
+                        matches!(&broken, Plan::Plain(w) if w.contains("does not answer") && w.contains("opportunistic")),
+                        "{broken:?}"
+                    );
+                }
+                (_, true) => {
+                    assert_eq!(up, Plan::Encrypted, "{policy:?} {encrypted}");
+                    let why = if encrypted {
+                        "it is encrypted"
+                    } else {
+                        "its policy is required"
+                    };
+                    assert!(
+                        matches!(&broken, Plan::Refuse(w) if w.starts_with(why) && w.contains("does not answer")),
+                        "{policy:?} {encrypted}: {broken:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn flags_table() {
+        let f = |p2p, parallel, persistent, keep_source| {
+            libvirt_flags(&FlagInputs {
+                p2p,
+                parallel,
+                persistent,
+                keep_source,
+            })
+        };
+        assert_eq!(f(false, false, false, false), sys::VIR_MIGRATE_LIVE);
+        assert_eq!(
+            f(true, true, false, false),
+            sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PEER2PEER | sys::VIR_MIGRATE_PARALLEL
+        );
+        assert_eq!(
+            f(false, false, true, false),
+            sys::VIR_MIGRATE_LIVE
+                | sys::VIR_MIGRATE_PERSIST_DEST
+                | sys::VIR_MIGRATE_UNDEFINE_SOURCE
+        );
+        assert_eq!(
+            f(false, false, true, true),
+            sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PERSIST_DEST
+        );
+    }
 
     #[test]
     fn hosts_of_uris() {
