@@ -337,22 +337,7 @@ fn once() -> Result<()> {
     // time, the VM keeps running on vmc-a, and nothing of it stays on
     // vmc-b (issue 15, the campaign's network stall).
     let t_stall = Instant::now();
-    let mut mig = a
-        .command("virsh")
-        .args([
-            "-c",
-            "qemu:///system",
-            "migrate",
-            "--live",
-            enc.name,
-            &b.uri(),
-        ])
-        .args(enc.needs)
-        .args(["--bandwidth", "8"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let mut mig = slow_migration(a, b, &enc, 8)?;
     std::thread::sleep(Duration::from_secs(3));
     let peer = b.addr.to_string();
     for chain in [["OUTPUT", "-d"], ["INPUT", "-s"]] {
@@ -361,16 +346,7 @@ fn once() -> Result<()> {
                 .args(["-w", "-I", chain[0], chain[1], &peer, "-j", "DROP"]),
         )?;
     }
-    let ended = loop {
-        if let Some(st) = mig.try_wait()? {
-            break Some(st);
-        }
-        if t_stall.elapsed() > Duration::from_secs(150) {
-            let _ = mig.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let ended = ended_within(&mut mig, Duration::from_secs(150))?;
     let stalled_for = t_stall.elapsed();
     for chain in [["OUTPUT", "-d"], ["INPUT", "-s"]] {
         a.run_ok(
@@ -387,12 +363,8 @@ fn once() -> Result<()> {
         enc.state(a)
     );
     enc.has_marker(a)?;
-    let gone = Instant::now();
-    while b.virsh(["domstate", enc.name]).is_ok() && gone.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(500));
-    }
     ensure!(
-        b.virsh(["domstate", enc.name]).is_err(),
+        gone_from(b, enc.name),
         "the stalled migration left {} on vmc-b",
         enc.name
     );
@@ -407,38 +379,13 @@ fn once() -> Result<()> {
     // (issue 15, the campaign's proxy kills).
     for trial in 0..4u64 {
         let source = trial % 2 == 0;
-        let mut mig = a
-            .command("virsh")
-            .args([
-                "-c",
-                "qemu:///system",
-                "migrate",
-                "--live",
-                enc.name,
-                &b.uri(),
-            ])
-            .args(enc.needs)
-            .args(["--bandwidth", "16"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
+        let mut mig = slow_migration(a, b, &enc, 16)?;
         let after = Duration::from_millis(700 + trial * 600);
         std::thread::sleep(after);
         let killed = if source { da.take() } else { db.take() };
         killed.context("a daemon is missing")?.crash()?;
-        let t = Instant::now();
-        let st = loop {
-            if let Some(st) = mig.try_wait()? {
-                break Some(st);
-            }
-            if t.elapsed() > Duration::from_secs(120) {
-                let _ = mig.kill();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        .context("a migration whose daemon was killed did not end within 120 s")?;
+        let st = ended_within(&mut mig, Duration::from_secs(120))?
+            .context("a migration whose daemon was killed did not end within 120 s")?;
         ensure!(
             !st.success(),
             "the migration succeeded though a daemon was killed {after:?} into it"
@@ -461,12 +408,8 @@ fn once() -> Result<()> {
         );
     }
     // The destination's domain of the failed attempts is gone too.
-    let gone = Instant::now();
-    while b.virsh(["domstate", enc.name]).is_ok() && gone.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(500));
-    }
     ensure!(
-        b.virsh(["domstate", enc.name]).is_err(),
+        gone_from(b, enc.name),
         "a failed migration left {} on vmc-b",
         enc.name
     );
@@ -681,6 +624,61 @@ fn once() -> Result<()> {
 }
 
 /// `vmcrypt ARGS` output (stdout and stderr), whether it succeeded or not.
+/// `virsh migrate --live VM` from `from` to `to`, slowed to `mib_s` MiB/s
+/// so that the test can act while it runs.
+fn slow_migration(
+    from: &Host,
+    to: &Host,
+    vm: &MarkedVm,
+    mib_s: u32,
+) -> Result<std::process::Child> {
+    Ok(from
+        .command("virsh")
+        .args([
+            "-c",
+            "qemu:///system",
+            "migrate",
+            "--live",
+            vm.name,
+            &to.uri(),
+        ])
+        .args(vm.needs)
+        .args(["--bandwidth", &mib_s.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?)
+}
+
+/// The child's exit status, or `None` (and the child killed) if it runs
+/// longer than `limit`.
+fn ended_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Result<Option<std::process::ExitStatus>> {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(Some(st));
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether `domain` is gone from `host` (waiting up to a minute for
+/// libvirt to clean up after a failed incoming migration).
+fn gone_from(host: &Host, domain: &str) -> bool {
+    let t = Instant::now();
+    while host.virsh(["domstate", domain]).is_ok() && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    host.virsh(["domstate", domain]).is_err()
+}
+
 /// Opens N idle TCP connections to HOST PORT (giving up after 30 s),
 /// prints how many connected, holds them HOLD seconds.
 const FLOOD: &str = r#"
