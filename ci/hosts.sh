@@ -330,6 +330,18 @@ start_daemons() {
     # so that the cache copied from the other host (or a previous run) is
     # found valid; wait_libvirtd widens its affinity once it answers.
     # (8>&-: the daemons must not inherit this script's lock.)
+    # First the system D-Bus, which every real host has and which libvirtd
+    # needs for polkit (Debian's libvirtd.conf: auth_unix_rw = "polkit", so
+    # a user in group libvirt is let in by polkit's 60-libvirt.rules, and
+    # pkexec asks polkit for vmcrypt's admin role); PID 1 here is not
+    # systemd, so nothing else starts it. polkitd is started by D-Bus
+    # activation on first use, as on a host without systemd. libvirtd looks
+    # for the bus once, at start: it must be up before.
+    if command -v dbus-daemon >/dev/null; then
+        in_host "$h" sh -c 'mkdir -p /run/dbus && exec dbus-daemon --system --fork' \
+            >>"$BASE/logs/$h-dbus.out" 2>&1 </dev/null 8>&- ||
+            die "dbus-daemon --system did not start on $h (see $BASE/logs/$h-dbus.out)"
+    fi
     in_host "$h" virtlogd -d >>"$BASE/logs/$h-virtlogd.out" 2>&1 </dev/null 8>&- ||
         die "virtlogd did not start on $h (see $BASE/logs/$h-virtlogd.out)"
     in_host "$h" taskset -c 0 libvirtd -d --listen >>"$BASE/logs/$h-libvirtd.out" 2>&1 </dev/null 8>&- ||

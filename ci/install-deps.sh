@@ -32,6 +32,12 @@ command -v cryptsetup >/dev/null || need+=(cryptsetup-bin)
 # on iptables too), and OpenStack Nova's libvirt calls replayed through the
 # libvirt Python binding (tests/scripts/nova_live_migrate.py).
 command -v iptables >/dev/null || need+=(iptables)
+# Roles (saved_state.rs): a system D-Bus per test host (ci/hosts.sh), polkit
+# (libvirt lets group libvirt in through it) and pkexec (vmcrypt-admin's key
+# commands run through it; the package recommends it).
+[ -f /usr/share/dbus-1/system.conf ] && command -v dbus-daemon >/dev/null || need+=(dbus)
+[ -x /usr/lib/polkit-1/polkitd ] || need+=(polkitd)
+command -v pkexec >/dev/null || need+=(pkexec)
 # blk_switchover.rs watches vmcrypt-blk sync the image (strace).
 command -v strace >/dev/null || need+=(strace)
 dpkg -s python3-libvirt >/dev/null 2>&1 || need+=(python3-libvirt)

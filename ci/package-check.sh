@@ -37,7 +37,10 @@ dpkg -L vmcrypt | grep -q 'tmpfiles.d/vmcrypt.conf$' || fail "no tmpfiles.d entr
 [ "$(stat -c %U /var/lib/vmcrypt)" = root ] || fail "/var/lib/vmcrypt is not root's"
 /usr/bin/vmcrypt --version >/dev/null || fail "vmcrypt --version"
 /usr/bin/vmcrypt-blk --help >/dev/null || fail "vmcrypt-blk --help"
-ok "files in place; /var/lib/vmcrypt is root's 0700"
+getent group vmcrypt-admin >/dev/null || fail "the package made no group vmcrypt-admin"
+[ -f /usr/share/polkit-1/actions/org.vmcrypt.policy ] && [ -f /usr/share/polkit-1/rules.d/60-vmcrypt.rules ] ||
+    fail "the polkit action and rule for vmcrypt-admin are not installed"
+ok "files in place; /var/lib/vmcrypt is root's 0700; group vmcrypt-admin and its polkit rule"
 
 # The unit: systemd-analyze prints nothing for a clean unit (it exits 0 even
 # for settings it ignores, so its output is what counts). PID 1 is not

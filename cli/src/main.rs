@@ -3,6 +3,7 @@
 mod commands;
 mod inventory;
 mod output;
+mod roles;
 mod size;
 
 use std::path::PathBuf;
@@ -14,6 +15,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "vmcrypt", version, propagate_version = true)]
 struct Cli {
+    /// (Set by vmcrypt itself when it runs a key operation through pkexec:
+    /// the directory the caller was in.)
+    #[arg(long = "caller-cwd", hide = true)]
+    caller_cwd: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -219,7 +224,10 @@ fn domain_name(arg: &std::path::Path) -> Option<&str> {
 
 fn status(args: &[PathBuf], verify: bool, json: bool) -> anyhow::Result<()> {
     if args.is_empty() {
-        commands::lifecycle::status(&[], verify, json)?;
+        // The host's image records are root's: other users see domains.
+        if roles::is_root() {
+            commands::lifecycle::status(&[], verify, json)?;
+        }
         if !commands::domain::status_all(json)? && !json {
             println!("(libvirt is not reachable: no domains listed)");
         }
@@ -234,9 +242,48 @@ fn status(args: &[PathBuf], verify: bool, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The commands that need root or the vmcrypt-admin role (README "Roles"),
+/// by name; `None` for those any user who can reach libvirt may run. Key
+/// operations, and what reads root's files (images, the host's
+/// configuration).
+fn admin_command(cmd: &Command) -> Option<&'static str> {
+    Some(match cmd {
+        Command::Image(_) => "image",
+        Command::Kms(_) => "kms",
+        Command::Encrypt { .. } => "encrypt",
+        Command::Decrypt { .. } => "decrypt",
+        Command::Save { .. } => "save",
+        Command::Restore { .. } => "restore",
+        Command::Guests { .. } => "guests",
+        Command::Doctor { .. } => "doctor",
+        Command::Disk(_) => "disk",
+        Command::Rekey { .. } => "rekey",
+        Command::Serve { .. } => "serve",
+        // Images (not domains) are read, or keys fetched.
+        Command::Status { images, verify, .. }
+            if *verify || images.iter().any(|i| domain_name(i).is_none()) =>
+        {
+            "status"
+        }
+        Command::Status { .. } | Command::Policy { .. } | Command::Migrate(_) => return None,
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     vmcrypt_core::logging::init("error");
+    if let Some(dir) = &cli.caller_cwd {
+        if let Err(e) = roles::enter(dir) {
+            eprintln!("vmcrypt: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Some(what) = admin_command(&cli.command) {
+        if !roles::is_root() {
+            eprintln!("vmcrypt: {:#}", roles::run_as_admin(what));
+            return ExitCode::FAILURE;
+        }
+    }
     // Several commands hold KEKs: this process never dumps its memory.
     if let Err(e) = vmcrypt_core::hardening::forbid_core_dumps() {
         eprintln!("vmcrypt: cannot make the process non-dumpable: {e}");

@@ -147,6 +147,11 @@ pub fn group_gid(name: &str) -> Option<u32> {
 /// (docs/design.md "Roles").
 pub const ADMIN_GROUP: &str = "vmcrypt-admin";
 
+/// The group of VM operators: the users libvirt's polkit rule (Debian's
+/// 60-libvirt.rules) lets manage VMs. They may ask the migration daemon how
+/// a migration went, nothing more.
+pub const OPERATOR_GROUP: &str = "libvirt";
+
 /// Whether the peer of `fd` is root or a member of [`ADMIN_GROUP`]
 /// (primary or supplementary).
 pub fn peer_is_admin(fd: BorrowedFd<'_>) -> io::Result<bool> {

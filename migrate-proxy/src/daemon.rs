@@ -85,14 +85,53 @@ fn uuid_of(v: &str) -> Result<[u8; 16], String> {
     parse_uuid(v).ok_or_else(|| format!("{v:?} is not a UUID"))
 }
 
-/// Serves the control socket at `path` until the process ends: born mode
-/// 0600 (never a chmod after bind), and each peer checked to be root or in
-/// group vmcrypt-admin, so that a mode widened by mistake still lets nobody
-/// else in. (Handing the socket to vmcrypt-admin by its mode needs
-/// CAP_CHOWN in the sandboxed unit: with the roles, not before.)
+/// Who is on the other end of a control connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Root or vmcrypt-admin: every operation (the hook announces VMs).
+    Admin,
+    /// A VM operator (group libvirt, whom libvirt's polkit rule lets manage
+    /// VMs): what `vmcrypt migrate` needs, `ping` and `last`.
+    Operator,
+}
+
+impl Access {
+    /// Whether this caller may make this request.
+    pub fn allows(self, req: &Request) -> bool {
+        match req {
+            Request::Ping {} | Request::Last { .. } => true,
+            Request::Expect { .. } | Request::Forget { .. } => self == Access::Admin,
+        }
+    }
+}
+
+/// Decides a connected peer's access from its credentials.
+fn access_of(conn: &UnixStream, operator_gid: Option<u32>) -> std::io::Result<Option<Access>> {
+    use vmcrypt_core::unixsock;
+    let fd = std::os::fd::AsFd::as_fd(conn);
+    if unixsock::peer_is_admin(fd)? {
+        return Ok(Some(Access::Admin));
+    }
+    let Some(op) = operator_gid else {
+        return Ok(None);
+    };
+    let cred = unixsock::peer_cred(fd)?;
+    Ok((cred.gid == op || unixsock::peer_groups(fd)?.contains(&op)).then_some(Access::Operator))
+}
+
+/// Serves the control socket at `path` until the process ends. It is born
+/// (never chmod-ed after bind) 0660 root:libvirt when that group exists,
+/// else 0600, and every peer is checked by its credentials: root and
+/// vmcrypt-admin may do everything, group libvirt (VM operators) only
+/// `ping` and `last`, anybody else nothing, so that a mode widened by
+/// mistake lets nobody further in.
 pub fn serve_control(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
     use vmcrypt_core::unixsock;
-    let listener = unixsock::bind(path, 0o600, None)?;
+    let operator_gid = unixsock::group_gid(unixsock::OPERATOR_GROUP);
+    let listener = match operator_gid {
+        Some(gid) => unixsock::bind(path, 0o660, Some(unixsock::Owner { uid: 0, gid }))?,
+        None => unixsock::bind(path, 0o600, None)?,
+    };
     let _cleanup = RemoveOnDrop(path.to_path_buf());
     for conn in listener.incoming() {
         let conn = match conn {
@@ -102,25 +141,25 @@ pub fn serve_control(path: &Path, daemon: Arc<Daemon>) -> std::io::Result<()> {
                 continue;
             }
         };
-        match unixsock::peer_is_admin(std::os::fd::AsFd::as_fd(&conn)) {
-            Ok(true) => {}
+        let access = match access_of(&conn, operator_gid) {
+            Ok(Some(a)) => a,
             other => {
                 let who = unixsock::peer_cred(std::os::fd::AsFd::as_fd(&conn))
                     .map(|c| format!("uid {} (pid {})", c.uid, c.pid))
                     .unwrap_or_else(|_| "an unknown peer".into());
                 tracing::warn!(
-                    "control connection from {who} refused: not root or vmcrypt-admin ({other:?})"
+                    "control connection from {who} refused: not root, vmcrypt-admin or libvirt ({other:?})"
                 );
                 let _ = (&conn).write_all(
-                    b"{\"ok\":false,\"error\":\"refused: only root and members of vmcrypt-admin may use this socket\"}\n",
+                    b"{\"ok\":false,\"error\":\"refused: only root and members of vmcrypt-admin or libvirt may use this socket\"}\n",
                 );
                 continue;
             }
-        }
+        };
         let daemon = daemon.clone();
         let _ = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || control_connection(conn, &daemon));
+            .spawn(move || control_connection(conn, access, &daemon));
     }
     Ok(())
 }
@@ -133,7 +172,7 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-fn control_connection(conn: UnixStream, daemon: &Arc<Daemon>) {
+fn control_connection(conn: UnixStream, access: Access, daemon: &Arc<Daemon>) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
     let reader = BufReader::new(match conn.try_clone() {
         Ok(c) => c,
@@ -142,7 +181,10 @@ fn control_connection(conn: UnixStream, daemon: &Arc<Daemon>) {
     for line in reader.lines() {
         let Ok(mut line) = line else { return };
         let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => daemon.handle(&req),
+            Ok(req) if access.allows(&req) => daemon.handle(&req),
+            Ok(_) => Response::err(
+                "refused: only root and members of vmcrypt-admin may announce or forget VMs",
+            ),
             Err(e) => Response::err(format!("malformed request: {e}")),
         };
         zeroize::Zeroize::zeroize(&mut line);
@@ -331,4 +373,30 @@ fn bind(a: SocketAddr) -> std::io::Result<TcpListener> {
     sock.bind(&a.into())?;
     sock.listen(128)?;
     Ok(sock.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operators_may_ask_but_not_announce() {
+        let expect: Request = serde_json::from_str(
+            r#"{"op":"expect","vm":"6f1c1b2e-1111-4222-8333-444455556666","name":"x","policy":"required"}"#,
+        )
+        .unwrap();
+        let forget: Request =
+            serde_json::from_str(r#"{"op":"forget","vm":"6f1c1b2e-1111-4222-8333-444455556666"}"#)
+                .unwrap();
+        let last: Request =
+            serde_json::from_str(r#"{"op":"last","vm":"6f1c1b2e-1111-4222-8333-444455556666"}"#)
+                .unwrap();
+        let ping: Request = serde_json::from_str(r#"{"op":"ping"}"#).unwrap();
+        for r in [&ping, &last] {
+            assert!(Access::Operator.allows(r) && Access::Admin.allows(r));
+        }
+        for r in [&expect, &forget] {
+            assert!(!Access::Operator.allows(r) && Access::Admin.allows(r));
+        }
+    }
 }

@@ -62,6 +62,16 @@ fn refuse(what: &str) -> Verdict {
     ))
 }
 
+/// A screenshot (`virsh screenshot`) is a copy of the guest's video memory
+/// handed to whoever asks libvirt: vSphere's "No Cryptography
+/// Administrator" may not have one of an encrypted VM, and libvirt cannot
+/// tell us who asks, so nobody gets one through libvirt.
+fn refuse_screen() -> Verdict {
+    Verdict::Refuse(
+        "vmcrypt: refused: the VM is encrypted and a screenshot would copy its video memory out of it; use its console".into(),
+    )
+}
+
 /// HMP commands (through `human-monitor-command`) that read or write guest
 /// memory, or save it.
 const HMP_MEMORY: &[&str] = &[
@@ -103,6 +113,9 @@ impl FdNames {
         if QMP_MEMORY.contains(&name) {
             return refuse(&format!("`{name}`"));
         }
+        if name == "screendump" {
+            return refuse_screen();
+        }
         match name {
             "migrate" => self.decide_migrate(cmd.args.get("uri")),
             "human-monitor-command" => {
@@ -114,6 +127,8 @@ impl FdNames {
                 let first = line.split_whitespace().next().unwrap_or("");
                 if HMP_MEMORY.contains(&first) {
                     refuse(&format!("HMP `{first}`"))
+                } else if first == "screendump" {
+                    refuse_screen()
                 } else {
                     Verdict::Allow
                 }
@@ -293,6 +308,11 @@ mod tests {
         }
         let oob = cmd(json!({"exec-oob":"dump-guest-memory","arguments":{}}));
         assert!(refused(names.decide(&oob)));
+        // virsh screenshot.
+        let shot = cmd(
+            json!({"execute":"screendump","arguments":{"filename":"/var/cache/libvirt/qemu/qemu.screendump.X"}}),
+        );
+        assert!(refused(names.decide(&shot)));
     }
 
     #[test]
@@ -305,6 +325,7 @@ mod tests {
             "migrate \"exec:cat>f\"",
             "dump-guest-memory /tmp/d",
             "gdbserver",
+            "screendump /tmp/s.ppm",
         ] {
             let c =
                 cmd(json!({"execute":"human-monitor-command","arguments":{"command-line": line}}));

@@ -400,8 +400,9 @@ fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;")
 }
 
-/// The migration daemon's control socket answers root (and vmcrypt-admin)
-/// only: born 0600, and each peer checked, so that a
+/// The migration daemon's control socket answers root and vmcrypt-admin in
+/// full, VM operators (group libvirt) `ping` and `last` only, nobody else:
+/// born 0660 root:libvirt, and each peer and request checked, so that a
 /// mode widened by mistake still lets nobody else announce or forget
 /// migrations.
 #[test]
@@ -426,27 +427,39 @@ fn the_control_socket_answers_only_root_and_vmcrypt_admin() -> Result<()> {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(m | 0o011))?;
         dir = d.parent().map(Path::to_path_buf);
     }
-    let ask = |as_nobody: bool| -> Result<String> {
+    let libvirt_gid = std::fs::read_to_string("/etc/group")?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("libvirt:")?
+                .split(':')
+                .nth(1)?
+                .parse::<u32>()
+                .ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("no group libvirt (libvirt-daemon-system makes it)"))?;
+    // `groups`: None = root; Some(g) = uid 65534 with exactly these groups.
+    let ask_as = |groups: Option<&str>, request: &str| -> Result<String> {
         let script = format!(
-            "import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\ntry:\n    s.sendall(b'{{\"op\":\"ping\"}}\\n')\nexcept OSError:\n    pass\nprint(s.makefile().readline())",
+            "import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\ntry:\n    s.sendall(b'{request}\\n')\nexcept OSError:\n    pass\nprint(s.makefile().readline())",
             ctl.display().to_string()
         );
-        let mut c = if as_nobody {
-            let mut c = std::process::Command::new("setpriv");
-            c.args([
-                "--reuid",
-                "65534",
-                "--regid",
-                "65534",
-                "--clear-groups",
-                "/usr/bin/python3",
-                "-c",
-            ]);
-            c
-        } else {
-            let mut c = std::process::Command::new("/usr/bin/python3");
-            c.arg("-c");
-            c
+        let mut c = match groups {
+            Some(g) => {
+                let mut c = std::process::Command::new("setpriv");
+                c.args(["--reuid", "65534", "--regid", "65534"]);
+                if g.is_empty() {
+                    c.arg("--clear-groups");
+                } else {
+                    c.args(["--groups", g]);
+                }
+                c.args(["/usr/bin/python3", "-c"]);
+                c
+            }
+            None => {
+                let mut c = std::process::Command::new("/usr/bin/python3");
+                c.arg("-c");
+                c
+            }
         };
         let out = c.arg(&script).output()?;
         Ok(format!(
@@ -455,6 +468,22 @@ fn the_control_socket_answers_only_root_and_vmcrypt_admin() -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         ))
     };
+    let ask = |as_nobody: bool| ask_as(as_nobody.then_some(""), r#"{"op":"ping"}"#);
+    // A VM operator: may ask, may not announce.
+    let gid = libvirt_gid.to_string();
+    let op_ping = ask_as(Some(&gid), r#"{"op":"ping"}"#)?;
+    ensure!(
+        op_ping.contains("\"ok\":true"),
+        "a member of libvirt was not answered: {op_ping}"
+    );
+    let op_expect = ask_as(
+        Some(&gid),
+        r#"{"op":"expect","vm":"6f1c1b2e-1111-4222-8333-444455556666","name":"x","policy":"required"}"#,
+    )?;
+    ensure!(
+        op_expect.contains("refused") && !op_expect.contains("\"ok\":true"),
+        "a member of libvirt announced a VM: {op_expect}"
+    );
     let root = ask(false)?;
     ensure!(
         root.contains("\"ok\":true"),

@@ -14,7 +14,9 @@ use anyhow::{bail, ensure, Result};
 use vmcrypt_tests::hosts::{Host, HostsOptions, TwoHosts};
 use vmcrypt_tests::migration::retry_if_guest_crashed;
 use vmcrypt_tests::vmcrypt::file_contains;
-use vmcrypt_tests::vmcrypt_hosts::{console, share_keystore, vmcrypt, vmcrypt_ok, MarkedVm};
+use vmcrypt_tests::vmcrypt_hosts::{
+    console, migrate_daemon, share_keystore, vmcrypt, vmcrypt_ok, MarkedVm,
+};
 
 /// Every regular file under `roots` that holds `needle`.
 fn files_holding(roots: &[PathBuf], needle: &[u8]) -> Result<(usize, Vec<PathBuf>)> {
@@ -376,9 +378,288 @@ fn once() -> Result<()> {
         "autostart not restored"
     );
     eprintln!(
-        "saved_state: vmcrypt-guests.service stop/start saved and restored pln; done at {:.0?}",
+        "saved_state: vmcrypt-guests.service stop/start saved and restored pln at {:.0?}",
         t0.elapsed()
     );
+
+    roles(&hosts, pln)?;
+    eprintln!("saved_state: roles; done at {:.0?}", t0.elapsed());
+    Ok(())
+}
+
+/// A user of this machine for the roles, in exactly these groups (made if
+/// missing: the test users of every run are the same two).
+fn test_user(name: &str, groups: &[&str]) -> Result<u32> {
+    let exists = std::process::Command::new("id")
+        .arg(name)
+        .output()?
+        .status
+        .success();
+    let groups = groups.join(",");
+    let out = if exists {
+        std::process::Command::new("usermod")
+            .args(["-G", &groups, name])
+            .output()?
+    } else {
+        std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .args(["-G", &groups, name])
+            .output()?
+    };
+    ensure!(
+        out.status.success(),
+        "cannot make user {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let uid = std::process::Command::new("id")
+        .args(["-u", name])
+        .output()?;
+    Ok(String::from_utf8_lossy(&uid.stdout).trim().parse()?)
+}
+
+/// `PROGRAM ARGS` run by `user` (with the groups /etc/group gives it) on
+/// `host`, in directory `dir`, as a login would run it: nothing of root's
+/// but the environment's PATH.
+fn as_user(host: &Host, user: &str, dir: &Path, argv: &[&str]) -> Result<std::process::Output> {
+    let home = Path::new("/tmp").join(format!("vmc-home-{user}"));
+    std::fs::create_dir_all(&home)?;
+    std::process::Command::new("chown")
+        .args([user, &home.display().to_string()])
+        .status()?;
+    Ok(host
+        .command("setpriv")
+        .args(["--reuid", user, "--regid", user, "--init-groups", "--"])
+        .args(["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
+        .arg(format!("HOME={}", home.display()))
+        .args(["sh", "-c", "cd \"$0\" && exec \"$@\""])
+        .arg(dir)
+        .args(argv)
+        .stdin(std::process::Stdio::null())
+        .output()?)
+}
+
+fn both(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Roles (issue: vSphere's "No Cryptography Administrator"): a VM operator
+/// (group libvirt: Debian's polkit rule lets it manage VMs) starts, stops
+/// and migrates an encrypted VM, and is refused its memory and every key
+/// operation, by polkit and by the daemons, not only by the CLI; a member
+/// of vmcrypt-admin may do them. `vm` runs on vmc-a with its marker.
+fn roles(hosts: &TwoHosts, vm: &MarkedVm) -> Result<()> {
+    let (a, b) = (hosts.a(), hosts.b());
+    for f in [
+        "/usr/bin/vmcrypt",
+        "/usr/share/polkit-1/rules.d/60-vmcrypt.rules",
+        "/usr/bin/pkexec",
+    ] {
+        ensure!(
+            Path::new(f).exists(),
+            "{f} is missing: the roles need the installed package and pkexec (ci/install-deps.sh)"
+        );
+    }
+    // Each host's migration daemon, as the package's unit runs it.
+    let _daemons = (migrate_daemon(a)?, migrate_daemon(b)?);
+    let op = "vmc-operator";
+    let adm = "vmc-cryptadm";
+    test_user(op, &["libvirt"])?;
+    let adm_uid = test_user(adm, &["libvirt", "vmcrypt-admin"])?;
+    let shared = hosts.shared_dir();
+    let name = vm.name;
+    let run = |host: &Host, user: &str, argv: &[&str]| as_user(host, user, &shared, argv);
+    let ok = |host: &Host, user: &str, argv: &[&str]| -> Result<String> {
+        let out = run(host, user, argv)?;
+        ensure!(
+            out.status.success(),
+            "{user} on {}: {} failed: {}",
+            host.name,
+            argv.join(" "),
+            both(&out).trim()
+        );
+        Ok(both(&out))
+    };
+    // One line naming the role, and the VM untouched.
+    let refused = |user: &str, argv: &[&str], want: &str| -> Result<()> {
+        let out = run(a, user, argv)?;
+        let said = both(&out);
+        ensure!(
+            !out.status.success() && said.contains(want),
+            "{user}: {} was not refused with {want:?}: {said}",
+            argv.join(" ")
+        );
+        ensure!(
+            vm.state(a) == "running",
+            "{user}: {name} is {} after {}",
+            vm.state(a),
+            argv.join(" ")
+        );
+        eprintln!(
+            "saved_state: {user}: {}: {}",
+            argv.join(" "),
+            said.lines().find(|l| l.contains(want)).unwrap_or("").trim()
+        );
+        Ok(())
+    };
+
+    // The operator: libvirt lets it in (polkit, group libvirt) ...
+    let list = ok(a, op, &["virsh", "-c", "qemu:///system", "list", "--name"])?;
+    ensure!(
+        list.contains(name),
+        "the operator does not see {name}: {list}"
+    );
+    let status = ok(a, op, &["vmcrypt", "status", name])?;
+    ensure!(
+        status.contains("encrypted"),
+        "vmcrypt status {name} as operator: {status}"
+    );
+    // ... it migrates the encrypted VM with vmcrypt migrate and with virsh ...
+    let said = ok(a, op, &["vmcrypt", "migrate", "--p2p", name, &b.uri()])?;
+    ensure!(
+        said.contains("encrypted"),
+        "vmcrypt migrate as operator did not report an encrypted migration: {said}"
+    );
+    ok(
+        b,
+        op,
+        &[
+            "virsh",
+            "-c",
+            "qemu:///system",
+            "migrate",
+            "--live",
+            "--p2p",
+            name,
+            &a.uri(),
+        ],
+    )?;
+    vm.has_marker(a)?;
+    eprintln!("saved_state: the operator migrated {name} to vmc-b and back, RAM intact");
+    // ... and is refused its memory, its screen and every key operation.
+    refused(op, &["vmcrypt", "save", name, "op.vmsave"], "vmcrypt-admin")?;
+    ensure!(
+        !shared.join("op.vmsave").exists(),
+        "a refused save left a file"
+    );
+    refused(op, &["vmcrypt", "restore", "op.vmsave"], "vmcrypt-admin")?;
+    refused(op, &["vmcrypt", "kms", "list"], "vmcrypt-admin")?;
+    refused(op, &["vmcrypt", "decrypt", name], "vmcrypt-admin")?;
+    refused(
+        op,
+        &["vmcrypt", "rekey", "--shallow", "x.img"],
+        "vmcrypt-admin",
+    )?;
+    refused(
+        op,
+        &[
+            "virsh",
+            "-c",
+            "qemu:///system",
+            "dump",
+            "--memory-only",
+            name,
+            "op.core",
+        ],
+        "vmcrypt: refused",
+    )?;
+    // A screenshot (what `virsh screenshot` asks QEMU; these guests have no
+    // video device, so libvirt would refuse before asking): the reply is
+    // printed and virsh exits 0.
+    let shot = both(&run(
+        a,
+        op,
+        &[
+            "virsh",
+            "-c",
+            "qemu:///system",
+            "qemu-monitor-command",
+            name,
+            r#"{"execute":"screendump","arguments":{"filename":"/tmp/vmcrypt-test-shot.ppm"}}"#,
+        ],
+    )?);
+    ensure!(
+        shot.contains("vmcrypt: refused") && shot.contains("screenshot"),
+        "screendump was not refused: {shot}"
+    );
+    ensure!(
+        !Path::new("/tmp/vmcrypt-test-shot.ppm").exists(),
+        "a screenshot was written"
+    );
+    // Not the CLI alone: polkit refuses the operator's own pkexec, the
+    // keystore is root's, and the daemon answers the operator's `ping` but
+    // refuses it an announcement.
+    refused(
+        op,
+        &["pkexec", "/usr/bin/vmcrypt", "kms", "list"],
+        "Not authorized",
+    )?;
+    refused(op, &["cat", "keystore.json"], "Permission denied")?;
+    let ask = |req: &str| -> Result<String> {
+        let script = format!(
+            "import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect('/run/vmcrypt/migrate.sock')\ns.sendall(b'{req}\\n')\nprint(s.makefile().readline())"
+        );
+        Ok(both(&run(a, op, &["python3", "-c", &script])?))
+    };
+    let ping = ask(r#"{"op":"ping"}"#)?;
+    ensure!(
+        ping.contains("\"ok\":true"),
+        "the daemon did not answer the operator: {ping}"
+    );
+    let uuid = a.virsh(["domuuid", name])?.trim().to_string();
+    let forget = ask(&format!(r#"{{"op":"forget","vm":"{uuid}"}}"#))?;
+    ensure!(
+        forget.contains("refused") && !forget.contains("\"ok\":true"),
+        "the daemon let the operator forget a VM: {forget}"
+    );
+
+    // The cryptography administrator: the same commands work (pkexec,
+    // polkit's rule for vmcrypt-admin), the file is theirs and holds no
+    // plaintext, and it restores.
+    let kms = ok(a, adm, &["vmcrypt", "kms", "list"])?;
+    ensure!(kms.contains("shared"), "vmcrypt kms list as admin: {kms}");
+    let said = ok(a, adm, &["vmcrypt", "save", name, "adm.vmsave"])?;
+    ensure!(said.contains("saved"), "vmcrypt save as admin said: {said}");
+    let file = shared.join("adm.vmsave");
+    let meta = std::fs::metadata(&file)?;
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        ensure!(
+            meta.uid() == adm_uid && meta.permissions().mode() & 0o777 == 0o600,
+            "the admin's save file is uid {} mode {:o}, not theirs 0600",
+            meta.uid(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    ensure!(
+        !file_contains(&file, vm.marker.as_bytes())?,
+        "the admin's save file holds the RAM marker"
+    );
+    let said = ok(a, adm, &["vmcrypt", "restore", "adm.vmsave"])?;
+    ensure!(
+        said.contains("running"),
+        "vmcrypt restore as admin said: {said}"
+    );
+    vm.has_marker(a)?;
+    std::fs::remove_file(&file)?;
+    eprintln!("saved_state: the admin saved and restored {name} through pkexec, RAM intact");
+
+    // Last, the operator stops and starts it.
+    ok(a, op, &["virsh", "-c", "qemu:///system", "destroy", name])?;
+    ok(a, op, &["virsh", "-c", "qemu:///system", "start", name])?;
+    ensure!(
+        vm.state(a) == "running",
+        "the operator could not start {name}"
+    );
+    eprintln!("saved_state: the operator stopped and started {name}");
     Ok(())
 }
 

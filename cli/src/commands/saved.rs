@@ -124,6 +124,8 @@ pub fn save(name: &str, file: &Path, json: bool) -> anyhow::Result<()> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(file)
         .with_context(|| format!("cannot create {}", file.display()))?;
+    crate::roles::give_to_caller(&out)
+        .with_context(|| format!("cannot hand {} to its caller", file.display()))?;
     let result = save_into(&dom, name, &meta, &key, &kek, &uuid, &xml, &ctl, out, json);
     match result {
         Ok(total) => {
