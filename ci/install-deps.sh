@@ -38,6 +38,9 @@ command -v iptables >/dev/null || need+=(iptables)
 [ -f /usr/share/dbus-1/system.conf ] && command -v dbus-daemon >/dev/null || need+=(dbus)
 [ -x /usr/lib/polkit-1/polkitd ] || need+=(polkitd)
 command -v pkexec >/dev/null || need+=(pkexec)
+# vTPM (saved_state.rs): swtpm emulates an encrypted VM's TPM (the package
+# recommends it).
+command -v swtpm >/dev/null || need+=(swtpm)
 # blk_switchover.rs watches vmcrypt-blk sync the image (strace).
 command -v strace >/dev/null || need+=(strace)
 dpkg -s python3-libvirt >/dev/null 2>&1 || need+=(python3-libvirt)

@@ -1,6 +1,7 @@
 //! Starting and stopping the vmcrypt-blk processes that serve a domain's
-//! disks. The libvirt hook starts them before QEMU connects and stops them
-//! when the domain stops; `vmcrypt serve` uses the same key hand-over.
+//! disks, and the swtpm that emulates its TPM (`vmcrypt_core::vtpm`). The
+//! libvirt hook starts them before QEMU connects and stops them when the
+//! domain stops; `vmcrypt serve` uses the same key hand-over.
 //!
 //! A backend is fully detached from whoever starts it (own session, stdio on
 //! its log file) because libvirtd waits for every process that still holds
@@ -55,18 +56,18 @@ pub enum BackendError {
         source: std::io::Error,
     },
     /// It exited before listening.
-    #[error("vmcrypt-blk for {target} failed: {reason}")]
+    #[error("{what} failed: {reason}")]
     Exited {
-        /// Disk target.
-        target: String,
+        /// Which process (`vmcrypt-blk for vda`, `swtpm`).
+        what: String,
         /// Its last log line.
         reason: String,
     },
     /// It did not listen in time.
-    #[error("vmcrypt-blk for {target} did not open {socket} within {secs} s")]
+    #[error("{what} did not open {socket} within {secs} s")]
     Timeout {
-        /// Disk target.
-        target: String,
+        /// Which process.
+        what: String,
         /// Socket path.
         socket: String,
         /// Seconds waited.
@@ -106,6 +107,11 @@ pub struct KeyPipe(OwnedFd);
 impl KeyPipe {
     /// Fills a new pipe with `pass`.
     pub fn new(pass: &Passphrase) -> Result<KeyPipe, BackendError> {
+        KeyPipe::from_bytes(pass.as_bytes())
+    }
+
+    /// Fills a new pipe with `bytes` (at most a pipe buffer's worth).
+    pub fn from_bytes(bytes: &[u8]) -> Result<KeyPipe, BackendError> {
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two fds into the array we own.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -113,7 +119,6 @@ impl KeyPipe {
         }
         // SAFETY: both fds are fresh and owned by nobody else.
         let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let bytes = pass.as_bytes();
         // SAFETY: wr is our pipe's write end; the buffer is live for the call.
         let n = unsafe { libc::write(wr.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
         if n != bytes.len() as isize {
@@ -211,6 +216,117 @@ pub fn start(
     if let Some(p) = &pipe {
         p.attach(&mut cmd);
     }
+    spawn_detached(
+        &format!("vmcrypt-blk for {}", disk.target),
+        cmd,
+        pipe,
+        key,
+        &disk.target,
+        &disk.socket,
+        &log_path,
+        log_start,
+    )
+}
+
+/// Where swtpm is (Debian's swtpm package).
+pub const SWTPM: &str = "/usr/bin/swtpm";
+
+/// The folder of VM `uuid`'s TPM state (encrypted by swtpm): root's,
+/// under /var/lib/vmcrypt.
+pub fn tpm_state_dir(key: &DomainKey) -> PathBuf {
+    vmcrypt_core::kms::config::state_dir()
+        .join("tpm")
+        .join(key.as_str())
+}
+
+/// Starts a detached swtpm as VM `domain`'s TPM 2.0: its control socket
+/// `socket` handed to QEMU's user, its state in [`tpm_state_dir`] encrypted
+/// with `state_key` (AES-256-CBC, the key through fd 3), and waits until it
+/// listens. It ends when QEMU closes the connection (`--terminate`), or
+/// with the domain's other backends. Returns its pid.
+pub fn start_tpm(
+    domain: &str,
+    key: &DomainKey,
+    socket: &Path,
+    owner: QemuUser,
+    state_key: &[u8],
+) -> Result<u32, BackendError> {
+    const NAME: &str = "tpm";
+    let dir = paths::domain_dir(key);
+    fs::create_dir_all(&dir).map_err(file_err(&dir))?;
+    let logs = paths::log_dir();
+    fs::create_dir_all(&logs).map_err(file_err(&logs))?;
+    stop_one(key, NAME);
+    let state = tpm_state_dir(key);
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&state)
+            .map_err(file_err(&state))?;
+    }
+    // A socket left by a swtpm that was killed: swtpm refuses to bind over it.
+    if fs::symlink_metadata(socket).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_socket()
+    }) {
+        let _ = fs::remove_file(socket);
+    }
+    let log_path = log_file(domain, NAME);
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(file_err(&log_path))?;
+    let log_start = log.seek(SeekFrom::End(0)).unwrap_or(0);
+    let log_err = log.try_clone().map_err(file_err(&log_path))?;
+    let mut cmd = Command::new(SWTPM);
+    cmd.args(["socket", "--tpm2", "--terminate"])
+        .arg("--tpmstate")
+        .arg(format!("dir={},mode=0600", state.display()))
+        .arg("--ctrl")
+        .arg(format!(
+            "type=unixio,path={},mode=0600,uid={},gid={}",
+            socket.display(),
+            owner.uid,
+            owner.gid
+        ))
+        .args(["--key", "fd=3,mode=aes-256-cbc,format=binary"])
+        // (swtpm 0.7 exits silently with `--log fd=2`; its own append.)
+        .arg("--log")
+        .arg(format!("file={},level=1", log_path.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err));
+    let pipe = KeyPipe::from_bytes(state_key)?;
+    pipe.attach(&mut cmd);
+    spawn_detached(
+        "swtpm (the VM's TPM)",
+        cmd,
+        Some(pipe),
+        key,
+        NAME,
+        socket,
+        &log_path,
+        log_start,
+    )
+}
+
+/// Spawns `cmd` in its own session (with `pipe` as its fd 3 already
+/// attached), records its pid as `NAME.pid` in the domain's folder, and
+/// waits until it listens on `socket`.
+#[allow(clippy::too_many_arguments)]
+fn spawn_detached(
+    what: &str,
+    mut cmd: Command,
+    pipe: Option<KeyPipe>,
+    key: &DomainKey,
+    name: &str,
+    socket: &Path,
+    log_path: &Path,
+    log_start: u64,
+) -> Result<u32, BackendError> {
     // SAFETY: setsid is async-signal-safe; it detaches the child from the
     // caller's session so libvirtd does not wait for it.
     unsafe {
@@ -222,12 +338,12 @@ pub fn start(
         });
     }
     let mut child = cmd.spawn().map_err(|source| BackendError::Spawn {
-        path: blk.display().to_string(),
+        path: cmd.get_program().to_string_lossy().into_owned(),
         source,
     })?;
     drop(pipe);
     let pid = child.id();
-    let pf = pid_file(key, &disk.target);
+    let pf = pid_file(key, name);
     vmcrypt_core::fsutil::replace(&pf, format!("{pid}\n").as_bytes(), 0o600)
         .map_err(file_err(&pf))?;
     let wait = Duration::from_secs(15);
@@ -236,18 +352,18 @@ pub fn start(
         if let Ok(Some(_)) = child.try_wait() {
             let _ = fs::remove_file(&pf);
             return Err(BackendError::Exited {
-                target: disk.target.clone(),
-                reason: last_line(&log_path, log_start),
+                what: what.to_string(),
+                reason: last_line(log_path, log_start),
             });
         }
-        if is_listening(&disk.socket) {
+        if is_listening(socket) {
             return Ok(pid);
         }
         if t0.elapsed() > wait {
-            stop_one(key, &disk.target);
+            stop_one(key, name);
             return Err(BackendError::Timeout {
-                target: disk.target.clone(),
-                socket: disk.socket.display().to_string(),
+                what: what.to_string(),
+                socket: socket.display().to_string(),
                 secs: wait.as_secs(),
             });
         }
@@ -289,7 +405,7 @@ fn last_line(log: &Path, from: u64) -> String {
 
 fn alive_blk(pid: i32) -> bool {
     // A pid file can outlive its process and the pid be reused: only signal
-    // a vmcrypt-blk that is not a zombie.
+    // a vmcrypt-blk (or swtpm) that is not a zombie.
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -304,7 +420,7 @@ fn alive_blk(pid: i32) -> bool {
         .map(|c| {
             c.split(|b| *b == 0)
                 .next()
-                .is_some_and(|a0| a0.ends_with(b"vmcrypt-blk"))
+                .is_some_and(|a0| a0.ends_with(b"vmcrypt-blk") || a0.ends_with(b"swtpm"))
         })
         .unwrap_or(false)
 }
@@ -329,7 +445,7 @@ fn stop_pid(pid: i32) {
     let t0 = Instant::now();
     while alive_blk(pid) {
         if t0.elapsed() > Duration::from_secs(5) {
-            tracing::warn!(pid, "vmcrypt-blk ignored SIGTERM; killing it");
+            tracing::warn!(pid, "a backend ignored SIGTERM; killing it");
             // SAFETY: as above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             break;

@@ -457,6 +457,28 @@ pub fn add_vhostuser_disk(xml: &str, target: &str, socket: &str) -> Result<Strin
     Ok(apply(xml, vec![(close..close, disk)]))
 }
 
+/// `device` (vmcrypt's `<tpm>`) added to the domain's devices. A domain
+/// that already has a TPM is refused: its state (libvirt's swtpm folder, or
+/// the host's TPM) would be left behind.
+pub fn add_tpm(xml: &str, device: &str) -> Result<String, XmlError> {
+    let doc = parse(xml)?;
+    let devices = child(doc.root_element(), "devices")
+        .ok_or_else(|| XmlError::Invalid("no <devices>".into()))?;
+    if child(devices, "tpm").is_some() {
+        return Err(XmlError::Refused(
+            "it already has a TPM (libvirt's swtpm or the host's): its state would be left behind; \
+             remove it first (virsh edit) to give it vmcrypt's"
+                .into(),
+        ));
+    }
+    let r = devices.range();
+    let close = xml[r.clone()]
+        .rfind("</devices>")
+        .map(|i| r.start + i)
+        .ok_or_else(|| XmlError::Invalid("an empty <devices/>".into()))?;
+    Ok(apply(xml, vec![(close..close, device.to_string())]))
+}
+
 /// Guest targets in use by any disk of the domain.
 pub fn targets(xml: &str) -> Result<Vec<String>, XmlError> {
     let doc = parse(xml)?;
@@ -512,6 +534,7 @@ mod tests {
                 }),
                 serial: Some("abc&1".into()),
             }],
+            tpm: None,
         }
     }
 

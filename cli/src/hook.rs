@@ -136,6 +136,46 @@ fn prepare(xml: &str) -> Result<(), Refusal> {
             }
         }
     }
+    if let Some(tpm_key) = &meta.tpm {
+        if let Err(e) = start_tpm(&def, &key, tpm_key, owner) {
+            blk_processes::stop_all(&key);
+            return Err(refuse(format!("{why}: {e}")));
+        }
+    }
+    Ok(())
+}
+
+/// The VM's TPM: swtpm with its state key, derived from the KEK the
+/// metadata names (`vmcrypt_core::vtpm`).
+fn start_tpm(
+    def: &DomainDef,
+    key: &DomainKey,
+    tpm_key: &vmcrypt_core::kms::KeyRef,
+    owner: qemu_user::QemuUser,
+) -> Result<(), String> {
+    let uuid = def.uuid.as_deref().ok_or("its XML has no <uuid>")?;
+    if !std::path::Path::new(blk_processes::SWTPM).exists() {
+        return Err(format!(
+            "it has vmcrypt's TPM and {} is not installed (apt install swtpm)",
+            blk_processes::SWTPM
+        ));
+    }
+    let kek = Providers::load()
+        .and_then(|p| p.open(&tpm_key.provider))
+        .and_then(|p| Ok(p.get_key(&tpm_key.key_id)?))
+        .map_err(|e| format!("its TPM needs key {tpm_key} and this host cannot get it: {e}"))?;
+    let state_key = vmcrypt_core::vtpm::state_key(&kek, uuid).map_err(|e| e.to_string())?;
+    drop(kek);
+    let socket = vmcrypt_core::vtpm::socket_path(uuid);
+    let pid = blk_processes::start_tpm(
+        &def.name,
+        key,
+        std::path::Path::new(&socket),
+        owner,
+        &state_key[..],
+    )
+    .map_err(|e| e.to_string())?;
+    tracing::info!(domain = %def.name, pid, "started swtpm");
     Ok(())
 }
 

@@ -62,6 +62,11 @@ enum Command {
         /// encryption, or bytes made to look like vmcrypt's.
         #[arg(long)]
         raw: bool,
+        /// (A domain.) Also give it a TPM 2.0 (swtpm) whose state is
+        /// encrypted under a key derived from its key; it travels with
+        /// migrations and `vmcrypt save` inside the encrypted stream.
+        #[arg(long)]
+        tpm: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -298,6 +303,7 @@ fn main() -> ExitCode {
             keep_original,
             rollback,
             raw,
+            tpm,
             json,
         } => match domain_name(&image) {
             Some(_) if raw => Err(anyhow::anyhow!(
@@ -310,7 +316,17 @@ fn main() -> ExitCode {
                     } else {
                         commands::domain::encrypt(d, provider.as_deref(), json)
                     }
+                })
+                .and_then(|()| {
+                    if tpm && !rollback {
+                        commands::domain::add_tpm(d, json).map(|_| ())
+                    } else {
+                        Ok(())
+                    }
                 }),
+            None if tpm => Err(anyhow::anyhow!(
+                "--tpm is for domains: an image file has no TPM"
+            )),
             None => commands::lifecycle::encrypt(&image, provider.as_deref(), raw, json),
         },
         Command::Decrypt {

@@ -7,6 +7,7 @@
 //!     <vmcrypt:disk target="vda" image="/var/lib/libvirt/images/a.img"
 //!                   provider="corp-kms" key="4a6f..."/>
 //!     <vmcrypt:disk target="vdb" image="/var/lib/libvirt/images/scratch.img"/>
+//!     <vmcrypt:tpm provider="corp-kms" key="4a6f..."/>
 //!   </vmcrypt:vm>
 //! </metadata>
 //! ```
@@ -17,6 +18,9 @@
 //!   device and the image; an encrypted disk also names its key (provider
 //!   name, key id). Key *material* never appears here; a key reference is
 //!   not secret.
+//! - `tpm`: the VM has vmcrypt's TPM 2.0 (swtpm, started by the hook); its
+//!   state is encrypted under a key derived from this KEK and the VM's UUID
+//!   (`crate::vtpm`).
 //! - No migration key is ever written here (the first version carried one
 //!   in a `<migration>` element of the destination XML, which libvirt logs
 //!   at debug level; the migration proxies now agree on keys themselves).
@@ -54,6 +58,9 @@ pub struct VmMetadata {
     pub policy: Policy,
     /// Disks vmcrypt serves.
     pub disks: Vec<Disk>,
+    /// The key whose KEK the VM's TPM state key derives from, when vmcrypt
+    /// gives it a TPM.
+    pub tpm: Option<KeyRef>,
 }
 
 /// Why metadata could not be read.
@@ -152,6 +159,18 @@ impl VmMetadata {
             }
             meta.disks.push(disk);
         }
+        if let Some(t) = vm.children().find(|n| is_ours(n, "tpm")) {
+            let attr = |name: &str| {
+                t.attribute(name)
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string)
+                    .ok_or_else(|| MetadataError::Invalid(format!("<tpm> lacks {name:?}")))
+            };
+            meta.tpm = Some(KeyRef {
+                provider: attr("provider")?,
+                key_id: attr("key")?,
+            });
+        }
         Ok(meta)
     }
 
@@ -188,6 +207,13 @@ impl VmMetadata {
                 out.push_str(&format!(" serial=\"{}\"", escape(serial)));
             }
             out.push_str("/>");
+        }
+        if let Some(k) = &self.tpm {
+            out.push_str(&format!(
+                "<{p}tpm provider=\"{}\" key=\"{}\"/>",
+                escape(&k.provider),
+                escape(&k.key_id)
+            ));
         }
         out.push_str(&format!("</{p}vm>"));
         out
@@ -284,6 +310,10 @@ mod tests {
                     serial: None,
                 },
             ],
+            tpm: Some(KeyRef {
+                provider: "corp".into(),
+                key_id: "42".into(),
+            }),
         }
     }
 

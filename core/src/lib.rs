@@ -15,3 +15,4 @@ pub mod policy;
 pub mod qemu_conf;
 pub mod savefile;
 pub mod size;
+pub mod vtpm;

@@ -389,6 +389,10 @@ pub fn domain_sample() -> VmMetadata {
                 serial: None,
             },
         ],
+        tpm: Some(KeyRef {
+            provider: "corp-kms".into(),
+            key_id: "4a6f2c1e".into(),
+        }),
     }
 }
 

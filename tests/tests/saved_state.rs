@@ -383,7 +383,219 @@ fn once() -> Result<()> {
     );
 
     roles(&hosts, pln)?;
-    eprintln!("saved_state: roles; done at {:.0?}", t0.elapsed());
+    eprintln!("saved_state: roles at {:.0?}", t0.elapsed());
+    vtpm(&hosts, pln)?;
+    eprintln!("saved_state: vTPM; done at {:.0?}", t0.elapsed());
+    Ok(())
+}
+
+/// What the guest keeps in its TPM's NV storage (32 bytes).
+const TPM_MARK: &[u8; 32] = b"VMCRYPT-TPM-NV-MARKER-7d2e90a1b3";
+/// The NV index the guest defines (owner-writable, owner-readable).
+const NV_INDEX: u32 = 0x0150_0001;
+
+/// TPM 2.0 commands, as raw bytes (the guest has no tpm2-tools: it writes
+/// them to /dev/tpm0 itself), each authorised by the owner's empty
+/// password (TPM_RS_PW).
+fn tpm_command(code: u32, handles: &[u32], params: &[u8]) -> Vec<u8> {
+    let session: [u8; 9] = [0x40, 0, 0, 0x09, 0, 0, 0, 0, 0];
+    let mut body = Vec::new();
+    for h in handles {
+        body.extend_from_slice(&h.to_be_bytes());
+    }
+    body.extend_from_slice(&(session.len() as u32).to_be_bytes());
+    body.extend_from_slice(&session);
+    body.extend_from_slice(params);
+    let mut c = Vec::new();
+    c.extend_from_slice(&0x8002u16.to_be_bytes()); // TPM_ST_SESSIONS
+    c.extend_from_slice(&(10 + body.len() as u32).to_be_bytes());
+    c.extend_from_slice(&code.to_be_bytes());
+    c.extend_from_slice(&body);
+    c
+}
+
+const TPM_RH_OWNER: u32 = 0x4000_0001;
+
+fn nv_define() -> Vec<u8> {
+    let mut public = Vec::new();
+    public.extend_from_slice(&NV_INDEX.to_be_bytes());
+    public.extend_from_slice(&0x000Bu16.to_be_bytes()); // SHA-256
+    public.extend_from_slice(&0x0002_0002u32.to_be_bytes()); // OWNERWRITE | OWNERREAD
+    public.extend_from_slice(&0u16.to_be_bytes()); // no policy
+    public.extend_from_slice(&(TPM_MARK.len() as u16).to_be_bytes());
+    let mut p = 0u16.to_be_bytes().to_vec(); // no auth value
+    p.extend_from_slice(&(public.len() as u16).to_be_bytes());
+    p.extend_from_slice(&public);
+    tpm_command(0x12A, &[TPM_RH_OWNER], &p)
+}
+
+fn nv_write() -> Vec<u8> {
+    let mut p = (TPM_MARK.len() as u16).to_be_bytes().to_vec();
+    p.extend_from_slice(TPM_MARK);
+    p.extend_from_slice(&0u16.to_be_bytes()); // offset
+    tpm_command(0x137, &[TPM_RH_OWNER, NV_INDEX], &p)
+}
+
+fn nv_read() -> Vec<u8> {
+    let mut p = (TPM_MARK.len() as u16).to_be_bytes().to_vec();
+    p.extend_from_slice(&0u16.to_be_bytes());
+    tpm_command(0x14E, &[TPM_RH_OWNER, NV_INDEX], &p)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Sends one command to the guest's /dev/tpm0 and returns the response in
+/// hex (`printf` with only \xHH escapes, so no byte reads as a format).
+fn guest_tpm(con: &mut vmcrypt_tests::guest::Console, cmd: &[u8]) -> Result<String> {
+    let esc: String = cmd.iter().map(|b| format!("\\x{b:02x}")).collect();
+    let out = con.run_ok(&format!(
+        "exec 3<>/dev/tpm0 && printf '{esc}' >&3 && dd bs=4096 count=1 <&3 2>/dev/null | od -An -tx1 | tr -d ' \\n'; exec 3>&-; echo"
+    ))?;
+    Ok(out.trim().to_string())
+}
+
+/// The response code of a TPM response in hex (bytes 6..10).
+fn tpm_rc(resp: &str) -> &str {
+    resp.get(12..20).unwrap_or("?")
+}
+
+/// Every file under the hosts' vmcrypt TPM state folders that holds `needle`,
+/// and how many files were looked at.
+fn tpm_state_holding(hosts: &TwoHosts, needle: &[u8]) -> Result<(usize, Vec<PathBuf>)> {
+    let roots: Vec<PathBuf> = [hosts.a(), hosts.b()]
+        .iter()
+        .map(|h| h.outside("/var/lib/vmcrypt/tpm"))
+        .filter(|p| p.exists())
+        .collect();
+    files_holding(&roots, needle)
+}
+
+/// vTPM: `vmcrypt encrypt --tpm` gives the encrypted VM a TPM 2.0; the
+/// guest keeps a marker in its NV storage, which survives `vmcrypt
+/// migrate` and `vmcrypt save/restore`, and no TPM state file holds it. The
+/// scan is shown to find the marker in the state of a swtpm without the
+/// key (what libvirt's own vTPM writes when it has no secret).
+fn vtpm(hosts: &TwoHosts, vm: &MarkedVm) -> Result<()> {
+    let (a, b) = (hosts.a(), hosts.b());
+    let name = vm.name;
+    ensure!(
+        Path::new("/usr/bin/swtpm").exists(),
+        "swtpm is not installed (ci/install-deps.sh)"
+    );
+    let _daemons = (migrate_daemon(a)?, migrate_daemon(b)?);
+
+    // Positive control: the same commands to a swtpm without a key leave
+    // the marker in its state file, and the scan finds it.
+    let ctl_dir = hosts.shared_dir().join("tpm-control");
+    std::fs::create_dir_all(ctl_dir.join("state"))?;
+    let data = ctl_dir.join("data.sock");
+    let mut swtpm = std::process::Command::new("swtpm")
+        .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+        .arg("--tpmstate")
+        .arg(format!("dir={}", ctl_dir.join("state").display()))
+        .arg("--server")
+        .arg(format!("type=unixio,path={}", data.display()))
+        .arg("--ctrl")
+        .arg(format!(
+            "type=unixio,path={}",
+            ctl_dir.join("ctrl.sock").display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let t = Instant::now();
+    while !data.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let control = || -> Result<()> {
+        for c in [nv_define(), nv_write()] {
+            use std::io::{Read, Write};
+            let mut s = std::os::unix::net::UnixStream::connect(&data)?;
+            s.write_all(&c)?;
+            let mut r = [0u8; 4096];
+            let n = s.read(&mut r)?;
+            ensure!(
+                n >= 10 && r[6..10] == [0, 0, 0, 0],
+                "the control swtpm answered {}",
+                hex(&r[..n])
+            );
+        }
+        Ok(())
+    };
+    let done = control();
+    let _ = swtpm.kill();
+    let _ = swtpm.wait();
+    done?;
+    let (_, found) = files_holding(std::slice::from_ref(&ctl_dir), TPM_MARK)?;
+    ensure!(
+        !found.is_empty(),
+        "the scan did not find the NV marker in an unencrypted swtpm state: it would miss a leak too"
+    );
+    std::fs::remove_dir_all(&ctl_dir)?;
+
+    // The encrypted VM gets vmcrypt's TPM.
+    a.virsh(["destroy", name])?;
+    let said = vmcrypt_ok(a, &["encrypt", "--tpm", name])?;
+    ensure!(
+        said.contains("TPM 2.0 added"),
+        "vmcrypt encrypt --tpm said: {said}"
+    );
+    let xml = a.virsh(["dumpxml", "--inactive", name])?;
+    ensure!(
+        xml.contains("<tpm model='tpm-crb'>") && xml.contains("type='external'"),
+        "no external TPM in {name}'s XML:\n{xml}"
+    );
+    a.virsh(["start", name])?;
+    let mut con = console(a, &vm.console, name)?;
+    let rc = tpm_rc(&guest_tpm(&mut con, &nv_define())?).to_string();
+    ensure!(
+        rc == "00000000",
+        "TPM2_NV_DefineSpace in the guest: rc {rc}"
+    );
+    let rc = tpm_rc(&guest_tpm(&mut con, &nv_write())?).to_string();
+    ensure!(rc == "00000000", "TPM2_NV_Write in the guest: rc {rc}");
+    let back = guest_tpm(&mut con, &nv_read())?;
+    ensure!(back.contains(&hex(TPM_MARK)), "the guest reads back {back}");
+    drop(con);
+    eprintln!("saved_state: vTPM: the guest wrote its NV marker on vmc-a");
+
+    // It migrates with the VM (inside the encrypted stream) ...
+    let said = vmcrypt_ok(a, &["migrate", "--p2p", name, &b.uri()])?;
+    ensure!(said.contains("encrypted"), "vmcrypt migrate said: {said}");
+    let mut con = console(b, &vm.console, name)?;
+    let back = guest_tpm(&mut con, &nv_read())?;
+    ensure!(
+        back.contains(&hex(TPM_MARK)),
+        "after the migration the guest's TPM reads {back}"
+    );
+    drop(con);
+    // ... and through vmcrypt save/restore.
+    let saved = hosts.shared_dir().join("tpm.vmsave");
+    vmcrypt_ok(b, &["save", name, &saved.display().to_string()])?;
+    ensure!(
+        !file_contains(&saved, TPM_MARK)?,
+        "the save file holds the TPM's NV marker"
+    );
+    vmcrypt_ok(b, &["restore", &saved.display().to_string()])?;
+    std::fs::remove_file(&saved)?;
+    let mut con = console(b, &vm.console, name)?;
+    let back = guest_tpm(&mut con, &nv_read())?;
+    ensure!(
+        back.contains(&hex(TPM_MARK)),
+        "after save and restore the guest's TPM reads {back}"
+    );
+    drop(con);
+    let (seen, found) = tpm_state_holding(hosts, TPM_MARK)?;
+    ensure!(seen > 0, "no TPM state files on either host");
+    ensure!(
+        found.is_empty(),
+        "the TPM's NV marker is in plaintext in {found:?}"
+    );
+    eprintln!(
+        "saved_state: vTPM: the NV marker survived vmcrypt migrate and save/restore; none in {seen} TPM state files"
+    );
     Ok(())
 }
 

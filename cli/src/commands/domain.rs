@@ -239,6 +239,55 @@ pub fn require_guard(xml: &str, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `vmcrypt encrypt --tpm`: gives a stopped encrypted domain a TPM 2.0
+/// whose state swtpm encrypts under a key derived from the VM's KEK
+/// (`vmcrypt_core::vtpm`; the hook starts swtpm). Returns whether anything
+/// changed.
+pub fn add_tpm(name: &str, json: bool) -> anyhow::Result<bool> {
+    let conn = connect()?;
+    let dom = lookup(&conn, name).with_context(|| format!("no domain named {name:?}"))?;
+    require_stopped(&dom, name, "give a TPM to")?;
+    // SECURE: passwords (VNC/SPICE) must survive the redefinition.
+    let xml = dom
+        .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+        .map_err(|e| anyhow::anyhow!("cannot read {name}'s XML: {}", e.message()))?;
+    let mut meta = VmMetadata::from_domain_xml(&xml).with_context(|| name.to_string())?;
+    if meta.tpm.is_some() {
+        return Ok(false);
+    }
+    let Some(key) = meta.disks.iter().find_map(|d| d.key.clone()) else {
+        bail!("{name} is not encrypted: `vmcrypt encrypt --tpm {name}` encrypts its disks and gives it the TPM together");
+    };
+    if !std::path::Path::new(vmcrypt_cli::blk_processes::SWTPM).exists() {
+        bail!(
+            "--tpm needs swtpm, which is not installed (apt install swtpm); {name} is otherwise encrypted"
+        );
+    }
+    let uuid = dom
+        .uuid_string()
+        .map_err(|e| anyhow::anyhow!("cannot read {name}'s UUID: {}", e.message()))?;
+    let socket = vmcrypt_core::vtpm::socket_path(&uuid);
+    let with_tpm = convert_xml::add_tpm(&xml, &vmcrypt_core::vtpm::device_xml(&socket))
+        .with_context(|| name.to_string())?;
+    meta.tpm = Some(key.clone());
+    let new = meta
+        .replace_in(&with_tpm)
+        .with_context(|| name.to_string())?;
+    conn.define_domain_xml(&new)
+        .map_err(|e| anyhow::anyhow!("libvirt refused {name}'s new XML: {}", e.message()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"domain": name, "tpm": "2.0", "key": key.to_string()})
+        );
+    } else {
+        println!(
+            "{name}: TPM 2.0 added (swtpm; its state encrypted under a key derived from {key})"
+        );
+    }
+    Ok(true)
+}
+
 /// Redefines a stopped domain with its memory protected
 /// ([`convert_xml::protect_memory`]). Returns whether anything changed.
 pub fn protect_memory(conn: &Connect, dom: &Domain, name: &str) -> anyhow::Result<bool> {

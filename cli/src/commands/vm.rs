@@ -437,6 +437,12 @@ pub fn decrypt(name: &str, format: &str, keep_encrypted: bool, json: bool) -> an
     if !meta.encrypted() {
         return Ok(false);
     }
+    if meta.tpm.is_some() {
+        bail!(
+            "{name} has vmcrypt's TPM, whose state only opens with its key under vmcrypt: \
+             decrypting would take the guest's TPM (and what it sealed) away; not supported"
+        );
+    }
     check_domain(&dom, name, "decrypt")?;
     let mut jdisks = Vec::new();
     let mut need = Vec::new();
