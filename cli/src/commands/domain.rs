@@ -89,6 +89,9 @@ struct DomainState<'a> {
     policy: String,
     encrypted: bool,
     disks: Vec<DiskState>,
+    /// vmcrypt's TPM: the key its state key derives from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tpm: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -113,6 +116,7 @@ fn state_of<'a>(name: &'a str, running: bool, meta: &VmMetadata) -> DomainState<
                 key: d.key.as_ref().map(|k| k.to_string()),
             })
             .collect(),
+        tpm: meta.tpm.as_ref().map(|k| k.to_string()),
     }
 }
 
@@ -127,6 +131,7 @@ fn print_state(s: &DomainState<'_>, json: bool) -> anyhow::Result<()> {
             Some(k) => format!("{} encrypted ({k})", d.target),
             None => format!("{} plain", d.target),
         })
+        .chain(s.tpm.iter().map(|k| format!("TPM 2.0 encrypted ({k})")))
         .collect();
     println!(
         "{}: {}, policy {}, {}{}",
