@@ -280,6 +280,11 @@ pub fn escape(s: &str) -> String {
             '>' => o.push_str("&gt;"),
             '"' => o.push_str("&quot;"),
             '\'' => o.push_str("&apos;"),
+            // An attribute's whitespace is normalised to spaces when read
+            // back: keep these as character references.
+            '\n' => o.push_str("&#10;"),
+            '\r' => o.push_str("&#13;"),
+            '\t' => o.push_str("&#9;"),
             c => o.push(c),
         }
     }
@@ -315,6 +320,17 @@ mod tests {
                 key_id: "42".into(),
             }),
         }
+    }
+
+    #[test]
+    fn whitespace_in_attributes_reads_back() {
+        let mut m = sample();
+        m.disks[0].image = "/a\nb\tc\rd.img".into();
+        m.tpm = Some(KeyRef {
+            provider: "p".into(),
+            key_id: "4\n1e".into(),
+        });
+        assert_eq!(VmMetadata::parse(&m.to_xml()).unwrap(), m);
     }
 
     #[test]
