@@ -7,6 +7,7 @@
 //! re-exports it for the other programs.
 #![deny(missing_docs)]
 
+pub mod fsutil;
 pub mod hardening;
 pub mod key;
 pub mod logging;

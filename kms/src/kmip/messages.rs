@@ -8,7 +8,7 @@
 use zeroize::Zeroizing;
 
 use super::ttlv::{Tag, Ttlv, Value};
-use crate::kms::{KeyState, KEK_LEN};
+use crate::{KeyState, KEK_LEN};
 
 /// The KMIP tags used here (KMIP 1.1 section 9.1.3.1).
 #[allow(missing_docs)]
@@ -710,7 +710,7 @@ mod tests {
     /// Response parsing never panics on decodable garbage.
     #[test]
     fn fuzz_parse_never_panics() {
-        let mut rng = crate::kms::kmip::ttlv::tests_rng(7);
+        let mut rng = crate::kmip::ttlv::tests_rng(7);
         let tags = [
             tag::RESPONSE_MESSAGE,
             tag::RESPONSE_HEADER,

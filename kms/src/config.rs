@@ -147,7 +147,8 @@ impl Providers {
         }
         let text = serde_json::to_string_pretty(self).map_err(|e| err(e.to_string()))?;
         // Root only: it names the key servers and the client key's file.
-        crate::fsutil::replace(&path, text.as_bytes(), 0o600).map_err(|e| err(e.to_string()))
+        vmcrypt_crypto::fsutil::replace(&path, text.as_bytes(), 0o600)
+            .map_err(|e| err(e.to_string()))
     }
 
     /// Adds a provider.

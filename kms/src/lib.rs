@@ -6,6 +6,8 @@
 //! a KMIP 1.1+ key server cluster, and the embedded local
 //! keystore ([`local`]) for a single host or a demo.
 
+#![deny(missing_docs)]
+
 pub mod config;
 pub mod kmip;
 pub mod local;
@@ -32,14 +34,14 @@ impl Kek {
 
     /// The key as 64 lowercase hex characters: the LUKS key slot passphrase
     /// (QEMU accepts only UTF-8 passphrases, so raw bytes cannot be one).
-    pub fn passphrase(&self) -> crate::key::Passphrase {
+    pub fn passphrase(&self) -> vmcrypt_crypto::key::Passphrase {
         let mut hex = Zeroizing::new(vec![0u8; KEK_LEN * 2]);
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
         for (i, b) in self.0.iter().enumerate() {
             hex[2 * i] = DIGITS[usize::from(b >> 4)];
             hex[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
         }
-        crate::key::Passphrase::new(hex)
+        vmcrypt_crypto::key::Passphrase::new(hex)
     }
 }
 

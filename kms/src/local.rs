@@ -137,7 +137,7 @@ impl LocalProvider {
         // would be freed holding part of the keys' hex.
         let mut text = Zeroizing::new(Vec::with_capacity(4096 + 512 * store.keys.len()));
         serde_json::to_writer_pretty(&mut *text, store).map_err(|e| self.err(e))?;
-        crate::fsutil::replace(&self.path, &text, 0o600)
+        vmcrypt_crypto::fsutil::replace(&self.path, &text, 0o600)
             .map_err(|e| self.err(format!("cannot write it: {e}")))
     }
 
@@ -184,8 +184,8 @@ impl KeyProvider for LocalProvider {
     }
 
     fn create_key(&self, label: &str) -> Result<String, ProviderError> {
-        let id = hex::encode(&*crate::key::random_bytes(16).map_err(|e| self.err(e))?);
-        let material = crate::key::random_bytes(KEK_LEN).map_err(|e| self.err(e))?;
+        let id = hex::encode(&*vmcrypt_crypto::key::random_bytes(16).map_err(|e| self.err(e))?);
+        let material = vmcrypt_crypto::key::random_bytes(KEK_LEN).map_err(|e| self.err(e))?;
         self.update(|store| {
             store.keys.insert(
                 id.clone(),
