@@ -139,79 +139,114 @@ pub fn libvirt_flags(i: &FlagInputs) -> u32 {
     flags
 }
 
-/// `vmcrypt migrate`.
+/// `vmcrypt migrate`: the source domain, the decision ([`plan`]: pure),
+/// then the executor (libvirt's migration, the daemon's record of it) and
+/// the report.
 pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
-    virt::error::clear_error_callback();
-    let conn = Connect::open(Some(&a.connect)).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot connect to libvirt at {}: {}",
-            a.connect,
-            e.message()
-        )
-    })?;
-    let dom = conn
-        .lookup_domain_by_name(&a.domain)
-        .map_err(|_| anyhow::anyhow!("no domain named {:?} at {}", a.domain, a.connect))?;
-    if !dom.is_active().unwrap_or(false) {
-        bail!(
-            "{} is not running; vmcrypt migrate moves running VMs",
-            a.domain
-        );
+    let src = Source::open(a)?;
+    let expected = match decide(a, &src.meta)? {
+        Plan::Encrypted => Ok(()),
+        Plan::Plain(why) => Err(why),
+        Plan::Refuse(why) => bail!("refusing to migrate {}: {why}", a.domain),
+    };
+    if !a.json {
+        announce(a, &src.meta, &expected);
     }
-    let xml = dom
-        .xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
-        .map_err(|e| anyhow::anyhow!("cannot read {}'s XML: {}", a.domain, e.message()))?;
-    let meta = VmMetadata::from_domain_xml(&xml).with_context(|| a.domain.clone())?;
-    let uuid = dom
-        .uuid_string()
-        .map_err(|e| anyhow::anyhow!("cannot read {}'s UUID: {}", a.domain, e.message()))?;
+    let outcome = execute(a, &src)?;
+    report(a, &outcome)
+}
+
+/// The running domain on this host, and what vmcrypt knows of it.
+struct Source {
+    dom: Domain,
+    uuid: String,
+    meta: VmMetadata,
+}
+
+impl Source {
+    fn open(a: &MigrateArgs) -> anyhow::Result<Source> {
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(&a.connect)).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to libvirt at {}: {}",
+                a.connect,
+                e.message()
+            )
+        })?;
+        let dom = conn
+            .lookup_domain_by_name(&a.domain)
+            .map_err(|_| anyhow::anyhow!("no domain named {:?} at {}", a.domain, a.connect))?;
+        if !dom.is_active().unwrap_or(false) {
+            bail!(
+                "{} is not running; vmcrypt migrate moves running VMs",
+                a.domain
+            );
+        }
+        let xml = dom
+            .xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
+            .map_err(|e| anyhow::anyhow!("cannot read {}'s XML: {}", a.domain, e.message()))?;
+        let meta = VmMetadata::from_domain_xml(&xml).with_context(|| a.domain.clone())?;
+        let uuid = dom
+            .uuid_string()
+            .map_err(|e| anyhow::anyhow!("cannot read {}'s UUID: {}", a.domain, e.message()))?;
+        Ok(Source { dom, uuid, meta })
+    }
+}
+
+/// [`plan`] with the real probe: this host's daemon and the destination's.
+fn decide(a: &MigrateArgs, meta: &VmMetadata) -> anyhow::Result<Plan> {
     let dest_host = uri_host(&a.dest_uri)?;
     let peer = a
         .peer
         .clone()
         .unwrap_or_else(|| format!("{}:{}", bracket(&dest_host), paths::MIGRATE_PORT));
-    let expected = match plan(meta.policy, meta.encrypted(), || ready_to_encrypt(&peer)) {
-        Plan::Encrypted => Ok(()),
-        Plan::Plain(why) => Err(why),
-        Plan::Refuse(why) => bail!("refusing to migrate {}: {why}", a.domain),
-    };
+    Ok(plan(meta.policy, meta.encrypted(), || {
+        ready_to_encrypt(&peer)
+    }))
+}
+
+/// The line that says what is about to happen.
+fn announce(a: &MigrateArgs, meta: &VmMetadata, expected: &Result<(), String>) {
+    println!(
+        "migrating {} to {} (policy {}{}): {}",
+        a.domain,
+        a.dest_uri,
+        meta.policy,
+        if meta.encrypted() {
+            ", encrypted disks"
+        } else {
+            ""
+        },
+        match expected {
+            Ok(()) => "AES-256-GCM, keys agreed by the two hosts' vmcrypt-migrate".to_string(),
+            Err(why) => format!("plain ({why})"),
+        }
+    );
+}
+
+/// Runs the migration through libvirt, with progress on a terminal, and
+/// reads how it travelled from this host's daemon.
+fn execute<'a>(a: &'a MigrateArgs, src: &Source) -> anyhow::Result<Outcome<'a>> {
     let flags = libvirt_flags(&FlagInputs {
         p2p: a.p2p,
         parallel: a.parallel.is_some(),
-        persistent: dom.is_persistent().unwrap_or(false),
+        persistent: src.dom.is_persistent().unwrap_or(false),
         keep_source: a.keep_source,
     });
-    let t0 = Instant::now();
-    if !a.json {
-        println!(
-            "migrating {} to {} (policy {}{}): {}",
-            a.domain,
-            a.dest_uri,
-            meta.policy,
-            if meta.encrypted() {
-                ", encrypted disks"
-            } else {
-                ""
-            },
-            match &expected {
-                Ok(()) => "AES-256-GCM, keys agreed by the two hosts' vmcrypt-migrate".to_string(),
-                Err(why) => format!("plain ({why})"),
-            }
-        );
-    }
     let params = MigrateParameters {
         uri: a.migrate_uri.clone(),
         parallel_connections: a.parallel.map(i32::from),
         ..Default::default()
     };
+    let t0 = Instant::now();
     // The daemon keeps one record per VM: the one from before this
     // migration must not be taken for this migration's.
-    let before = record_seq(&uuid);
+    let before = record_seq(&src.uuid);
     let progress =
-        (!a.json && std::io::stderr().is_terminal()).then(|| Progress::start(&dom, &a.connect));
-    let result = migrate(&dom, a, params, flags);
+        (!a.json && std::io::stderr().is_terminal()).then(|| Progress::start(&src.dom, &a.connect));
+    let result = migrate(&src.dom, a, params, flags);
     drop(progress);
-    let record = last_record(&uuid)
+    let record = last_record(&src.uuid)
         .filter(|r| r.seq.unwrap_or(0) > before && r.direction == Some(Direction::Out));
     if let Err(e) = result {
         let mut msg = format!("migration of {} failed: {e}", a.domain);
@@ -222,7 +257,7 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        if dom.is_active().unwrap_or(false) {
+        if src.dom.is_active().unwrap_or(false) {
             msg.push_str(&format!("; {} keeps running here", a.domain));
         }
         bail!(msg);
@@ -246,34 +281,37 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<()> {
             None,
         ),
     };
+    Ok(Outcome {
+        domain: &a.domain,
+        dest: &a.dest_uri,
+        mode,
+        reason,
+        bytes,
+        connections,
+        seconds,
+    })
+}
+
+/// How it travelled, as text or `--json`.
+fn report(a: &MigrateArgs, o: &Outcome<'_>) -> anyhow::Result<()> {
     if a.json {
-        return output::json(
-            "migration",
-            &Outcome {
-                domain: &a.domain,
-                dest: &a.dest_uri,
-                mode,
-                reason,
-                bytes,
-                connections,
-                seconds,
-            },
-        );
+        return output::json("migration", o);
     }
-    let how = match &reason {
-        Some(r) if mode != "encrypted" => format!("{mode} ({r})"),
-        _ => mode,
+    let how = match &o.reason {
+        Some(r) if o.mode != "encrypted" => format!("{} ({r})", o.mode),
+        _ => o.mode.clone(),
     };
-    match bytes {
+    match o.bytes {
         Some(b) => println!(
-            "migrated {} to {} {how}: {:.0} MB in {seconds:.1} s",
-            a.domain,
-            a.dest_uri,
-            b as f64 / 1e6
+            "migrated {} to {} {how}: {:.0} MB in {:.1} s",
+            o.domain,
+            o.dest,
+            b as f64 / 1e6,
+            o.seconds
         ),
         None => println!(
-            "migrated {} to {} {how} in {seconds:.1} s",
-            a.domain, a.dest_uri
+            "migrated {} to {} {how} in {:.1} s",
+            o.domain, o.dest, o.seconds
         ),
     }
     Ok(())
