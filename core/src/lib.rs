@@ -16,4 +16,5 @@ pub mod policy;
 pub mod qemu_conf;
 pub mod savefile;
 pub mod size;
+pub mod transaction;
 pub mod vtpm;

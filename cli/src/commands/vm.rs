@@ -1,26 +1,16 @@
 //! `vmcrypt encrypt DOMAIN`, `vmcrypt decrypt DOMAIN` and `vmcrypt disk
 //! add DOMAIN` on ordinary libvirt VMs (docs/design.md "Real hosts").
 //!
-//! # A conversion is a transaction
-//! Each run writes its plan to a journal, `STATE_DIR/conversions/UUID.json`
-//! (0600, replaced atomically), before it changes anything, and moves it
-//! through these phases:
-//!
-//! | phase | what is done | a crash here, then the same command again |
-//! |---|---|---|
-//! | `copying` | keys made; each disk written to its new image (`NEW.vmcrypt-new`, verified, renamed) | finished disks are kept, the others written again; the VM is untouched |
-//! | `defined` | the new domain XML is defined | the XML is defined again (the same), then the cleanup |
-//! | (cleanup) | the old images are removed, then the journal | removals finish; nothing is removed twice |
-//!
-//! The old images go only after the new XML is defined, and the new XML only
-//! after every new image is complete and verified: at any moment either the
-//! old VM or the new one is whole. `--rollback` abandons a conversion that has
-//! not reached `defined` (new images removed, new keys retired).
+//! A conversion is a transaction with its recovery:
+//! `vmcrypt_core::transaction` holds the journal, its phases and what a
+//! crash at each one means; this module plans conversions and gives the
+//! transaction its steps over libvirt, the key providers and the disk
+//! converters.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
@@ -28,136 +18,15 @@ use vmcrypt_cli::convert_xml::{self, FileDisk, PlainDisk};
 use vmcrypt_cli::source::{self, MappedDisk};
 use vmcrypt_core::convert::{self, DiskSource, RawFile};
 use vmcrypt_core::domain::{Disk, VmMetadata};
-use vmcrypt_core::kms::config::{state_dir, Providers};
-use vmcrypt_core::kms::KeyRef;
+use vmcrypt_core::kms::config::Providers;
 use vmcrypt_core::policy::Policy;
+use vmcrypt_core::transaction::{
+    Action, Conversion, ConversionDisk, Phase, StepError, Steps, TransactionError,
+};
 
 use super::domain::{connect, lookup};
 use crate::inventory::Inventory;
 use crate::output;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Action {
-    Encrypt,
-    Decrypt,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Phase {
-    Copying,
-    Defined,
-}
-
-/// One disk of a conversion.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct JDisk {
-    target: String,
-    /// The image now in use (encrypt: the file disk; decrypt: the LUKS image).
-    from: PathBuf,
-    /// Its format (encrypt: raw or qcow2; decrypt: luks).
-    from_format: String,
-    /// Every file of `from`'s backing chain below it (left in place).
-    backing: Vec<PathBuf>,
-    /// The image being written.
-    to: PathBuf,
-    /// Its format (encrypt: luks; decrypt: raw or qcow2).
-    to_format: String,
-    serial: Option<String>,
-    /// The key of the encrypted side.
-    provider: String,
-    key_id: String,
-    /// `to` is complete and verified.
-    done: bool,
-}
-
-impl JDisk {
-    fn key_ref(&self) -> KeyRef {
-        KeyRef {
-            provider: self.provider.clone(),
-            key_id: self.key_id.clone(),
-        }
-    }
-}
-
-/// The journal of one conversion.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Journal {
-    version: u32,
-    action: Action,
-    domain: String,
-    uuid: String,
-    /// The domain's persistent XML before the conversion.
-    original_xml: String,
-    phase: Phase,
-    /// Keep the old images.
-    keep_old: bool,
-    disks: Vec<JDisk>,
-}
-
-fn journal_path(uuid: &str) -> PathBuf {
-    state_dir().join("conversions").join(format!("{uuid}.json"))
-}
-
-impl Journal {
-    fn load(uuid: &str) -> anyhow::Result<Option<Journal>> {
-        let p = journal_path(uuid);
-        match std::fs::read_to_string(&p) {
-            Ok(t) => Ok(Some(serde_json::from_str(&t).with_context(|| {
-                format!("{} is malformed; move it away to start over", p.display())
-            })?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
-        }
-    }
-
-    /// Replaces the journal atomically (new file 0600, synced, renamed).
-    fn save(&self) -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let p = journal_path(&self.uuid);
-        let dir = p.parent().context("journal path has no folder")?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        let tmp = p.with_extension("json.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &p).with_context(|| format!("cannot write {}", p.display()))?;
-        sync_dir(dir);
-        Ok(())
-    }
-
-    fn remove(&self) -> anyhow::Result<()> {
-        let p = journal_path(&self.uuid);
-        match std::fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", p.display())),
-        }
-        if let Some(d) = p.parent() {
-            sync_dir(d);
-        }
-        Ok(())
-    }
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
 
 /// The test hook for crash tests: `VMCRYPT_TEST_CRASH_AT=POINT` kills this
 /// process with SIGKILL when the conversion reaches `POINT` (like a power
@@ -318,7 +187,7 @@ pub fn encrypt(
     json: bool,
 ) -> anyhow::Result<bool> {
     let (conn, dom, uuid) = open_domain(name)?;
-    if let Some(j) = Journal::load(&uuid)? {
+    if let Some(j) = Conversion::load(&uuid)? {
         if rollback {
             roll_back(&conn, j)?;
             return Ok(true);
@@ -384,7 +253,7 @@ pub fn encrypt(
         let key_id = kp
             .create_key(&format!("vmcrypt:{name}:{target}"))
             .with_context(|| format!("cannot make a key for {name} disk {target} on {pname}"))?;
-        jdisks.push(JDisk {
+        jdisks.push(ConversionDisk {
             target,
             from: source,
             from_format: format,
@@ -401,7 +270,7 @@ pub fn encrypt(
             done: false,
         });
     }
-    let j = Journal {
+    let j = Conversion {
         version: 1,
         action: Action::Encrypt,
         domain: name.to_string(),
@@ -425,7 +294,7 @@ pub fn decrypt(name: &str, format: &str, keep_encrypted: bool, json: bool) -> an
         bail!("--format {format}: raw or qcow2");
     }
     let (conn, dom, uuid) = open_domain(name)?;
-    if let Some(j) = Journal::load(&uuid)? {
+    if let Some(j) = Conversion::load(&uuid)? {
         if j.action != Action::Decrypt {
             bail!("{name} has an unfinished encryption: run `vmcrypt encrypt {name}` to finish it (or --rollback)");
         }
@@ -461,7 +330,7 @@ pub fn decrypt(name: &str, format: &str, keep_encrypted: bool, json: bool) -> an
             .with_context(|| format!("{name}: disk {}: {}", d.target, from.display()))?
             .len();
         need.push((to.clone(), size));
-        jdisks.push(JDisk {
+        jdisks.push(ConversionDisk {
             target: d.target.clone(),
             from,
             from_format: "luks".into(),
@@ -475,7 +344,7 @@ pub fn decrypt(name: &str, format: &str, keep_encrypted: bool, json: bool) -> an
         });
     }
     check_space(&need)?;
-    let j = Journal {
+    let j = Conversion {
         version: 1,
         action: Action::Decrypt,
         domain: name.to_string(),
@@ -490,78 +359,102 @@ pub fn decrypt(name: &str, format: &str, keep_encrypted: bool, json: bool) -> an
     Ok(true)
 }
 
+/// The conversion's steps on this host: keys from the providers, disks
+/// through the converters, the XML through libvirt, the image records.
+struct HostSteps<'a> {
+    conn: &'a Connect,
+    providers: Providers,
+    json: bool,
+}
+
+impl Steps for HostSteps<'_> {
+    fn copy(&mut self, j: &Conversion, d: &ConversionDisk) -> Result<(), StepError> {
+        let name = &j.domain;
+        let kek = self
+            .providers
+            .open(&d.provider)
+            .and_then(|p| Ok(p.get_key(&d.key_id)?))
+            .with_context(|| {
+                format!("{name}: disk {}: cannot get key {}", d.target, d.key_ref())
+            })?;
+        let bar = output::progress(
+            &format!("{} {name} {}", verb(j.action), d.target),
+            self.json,
+        );
+        let mut progress = |done: u64, total: u64| {
+            bar.set_length(total);
+            bar.set_position(done);
+            // Half-way through writing (the second half of the total is
+            // the read-back check).
+            if done * 4 >= total {
+                crash_point("mid-copy");
+            }
+        };
+        let r = match j.action {
+            Action::Encrypt => copy_in(d, &kek.passphrase(), &mut progress),
+            Action::Decrypt => copy_out(d, &kek.passphrase(), &mut progress),
+        };
+        bar.finish_and_clear();
+        r.with_context(|| format!("{name}: disk {}", d.target))?;
+        Ok(())
+    }
+
+    fn copied(&mut self, j: &Conversion, d: &ConversionDisk) -> Result<(), StepError> {
+        if j.action == Action::Encrypt {
+            Inventory::record(&d.to, Some(&d.key_ref()))?;
+        }
+        Ok(())
+    }
+
+    fn define(&mut self, j: &Conversion) -> Result<(), StepError> {
+        let xml = new_xml(j)?;
+        define(self.conn, &xml, &j.domain)?;
+        Ok(())
+    }
+
+    fn old_removed(&mut self, j: &Conversion, d: &ConversionDisk) {
+        if j.action == Action::Decrypt {
+            let _ = Inventory::record(&d.from, None);
+        }
+    }
+
+    fn abandoned(&mut self, _j: &Conversion, d: &ConversionDisk) {
+        let _ = Inventory::record(&d.to, None);
+        if let Ok(p) = self.providers.open(&d.provider) {
+            let _ = p.revoke(&d.key_id);
+            let _ = p.destroy(&d.key_id);
+        }
+    }
+
+    fn reached(&mut self, point: &str) {
+        crash_point(point);
+    }
+}
+
+/// A step's failure as the one line the user sees (a step's own error
+/// keeps its context chain).
+fn user_error(e: TransactionError) -> anyhow::Error {
+    match e {
+        TransactionError::Step(inner) => anyhow::Error::from_boxed(inner),
+        other => anyhow::Error::new(other),
+    }
+}
+
 /// Carries a conversion from its journal's phase to the end.
-fn run(conn: &Connect, dom: &Domain, mut j: Journal, json: bool) -> anyhow::Result<()> {
+fn run(conn: &Connect, dom: &Domain, mut j: Conversion, json: bool) -> anyhow::Result<()> {
     let name = j.domain.clone();
     if dom.is_active().unwrap_or(false) {
         bail!(
             "{name} is running: shut it down, then run the command again to finish the conversion"
         );
     }
-    let providers = Providers::load()?;
-    if j.phase == Phase::Copying {
-        for i in 0..j.disks.len() {
-            if j.disks[i].done {
-                continue;
-            }
-            let d = j.disks[i].clone();
-            if d.to.exists() {
-                // Renamed into place after it was verified, before the
-                // journal said so.
-            } else {
-                let kek = providers
-                    .open(&d.provider)
-                    .and_then(|p| Ok(p.get_key(&d.key_id)?))
-                    .with_context(|| {
-                        format!("{name}: disk {}: cannot get key {}", d.target, d.key_ref())
-                    })?;
-                let bar =
-                    output::progress(&format!("{} {name} {}", verb(j.action), d.target), json);
-                let mut progress = |done: u64, total: u64| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                    // Half-way through writing (the second half of the
-                    // total is the read-back check).
-                    if done * 4 >= total {
-                        crash_point("mid-copy");
-                    }
-                };
-                let r = match j.action {
-                    Action::Encrypt => copy_in(&d, &kek.passphrase(), &mut progress),
-                    Action::Decrypt => copy_out(&d, &kek.passphrase(), &mut progress),
-                };
-                bar.finish_and_clear();
-                r.with_context(|| format!("{name}: disk {}", d.target))?;
-            }
-            if j.action == Action::Encrypt {
-                Inventory::record(&d.to, Some(&d.key_ref()))?;
-            }
-            j.disks[i].done = true;
-            j.save()?;
-        }
-        let new_xml = new_xml(&j)?;
-        define(conn, &new_xml, &name)?;
-        crash_point("defined");
-        j.phase = Phase::Defined;
-        j.save()?;
-    }
-    // Cleanup: the old images are no longer referenced.
-    let mut removed = Vec::new();
-    if !j.keep_old {
-        for d in &j.disks {
-            match std::fs::remove_file(&d.from) {
-                Ok(()) => removed.push(d.from.as_path()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(e).with_context(|| format!("cannot remove {}", d.from.display()))
-                }
-            }
-            if j.action == Action::Decrypt {
-                let _ = Inventory::record(&d.from, None);
-            }
-        }
-    }
-    j.remove()?;
+    let mut steps = HostSteps {
+        conn,
+        providers: Providers::load()?,
+        json,
+    };
+    let removed = j.finish(&mut steps).map_err(user_error)?;
+    let removed: Vec<&Path> = removed.iter().map(PathBuf::as_path).collect();
     report(&j, &removed, json)
 }
 
@@ -574,7 +467,7 @@ fn verb(a: Action) -> &'static str {
 
 /// Encrypt: the file disk (whole chain) into its LUKS image.
 fn copy_in(
-    d: &JDisk,
+    d: &ConversionDisk,
     pass: &vmcrypt_core::key::Passphrase,
     progress: convert::Progress<'_>,
 ) -> anyhow::Result<()> {
@@ -589,7 +482,7 @@ fn copy_in(
 
 /// Decrypt: the LUKS image into a raw (or, through qemu-img, qcow2) file.
 fn copy_out(
-    d: &JDisk,
+    d: &ConversionDisk,
     pass: &vmcrypt_core::key::Passphrase,
     progress: convert::Progress<'_>,
 ) -> anyhow::Result<()> {
@@ -631,13 +524,13 @@ fn copy_out(
     }
     std::fs::rename(&tmp, &d.to).with_context(|| format!("cannot write {}", d.to.display()))?;
     if let Some(dir) = d.to.parent() {
-        sync_dir(dir);
+        vmcrypt_core::fsutil::sync_dir(dir);
     }
     Ok(())
 }
 
 /// The domain XML after the conversion, from the original one.
-fn new_xml(j: &Journal) -> anyhow::Result<String> {
+fn new_xml(j: &Conversion) -> anyhow::Result<String> {
     let mut meta =
         VmMetadata::from_domain_xml(&j.original_xml).with_context(|| j.domain.clone())?;
     match j.action {
@@ -682,36 +575,21 @@ fn new_xml(j: &Journal) -> anyhow::Result<String> {
 }
 
 /// `--rollback`: abandon an encryption that has not been defined.
-fn roll_back(conn: &Connect, j: Journal) -> anyhow::Result<()> {
-    let name = &j.domain;
-    if j.action != Action::Encrypt {
-        bail!("{name}: only an unfinished encryption can be rolled back; run `vmcrypt decrypt {name}` to finish the decryption");
+fn roll_back(conn: &Connect, j: Conversion) -> anyhow::Result<()> {
+    let name = j.domain.clone();
+    let mut steps = HostSteps {
+        conn,
+        providers: Providers::load()?,
+        json: false,
+    };
+    for p in j.roll_back(&mut steps).map_err(user_error)? {
+        println!("removed {}", p.display());
     }
-    if j.phase != Phase::Copying {
-        bail!("{name}: the encrypted XML is already defined; run `vmcrypt encrypt {name}` to finish instead");
-    }
-    let _ = conn;
-    let providers = Providers::load()?;
-    for d in &j.disks {
-        for p in [d.to.clone(), convert::scratch_path(&d.to)] {
-            match std::fs::remove_file(&p) {
-                Ok(()) => println!("removed {}", p.display()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("cannot remove {}", p.display())),
-            }
-        }
-        let _ = Inventory::record(&d.to, None);
-        if let Ok(p) = providers.open(&d.provider) {
-            let _ = p.revoke(&d.key_id);
-            let _ = p.destroy(&d.key_id);
-        }
-    }
-    j.remove()?;
     println!("{name}: encryption rolled back; the domain and its disks are as they were");
     Ok(())
 }
 
-fn report(j: &Journal, removed: &[&Path], json: bool) -> anyhow::Result<()> {
+fn report(j: &Conversion, removed: &[&Path], json: bool) -> anyhow::Result<()> {
     let name = &j.domain;
     let kept_backing: Vec<&Path> = j
         .disks
@@ -797,7 +675,7 @@ pub fn disk_add(
     if !dom.is_persistent().unwrap_or(false) {
         bail!("{name} is transient: disks are added to a defined domain");
     }
-    if Journal::load(&uuid)?.is_some() {
+    if Conversion::load(&uuid)?.is_some() {
         bail!("{name} has an unfinished conversion: run `vmcrypt encrypt {name}` or `vmcrypt decrypt {name}` first");
     }
     let xml = inactive_xml(&dom, name)?;
@@ -846,7 +724,7 @@ pub fn disk_add(
         .unwrap_or_else(|| providers.default_name().to_string());
     let kp = providers.open(&pname)?;
     let key_id = kp.create_key(&format!("vmcrypt:{name}:{target}"))?;
-    let key_ref = KeyRef {
+    let key_ref = vmcrypt_core::kms::KeyRef {
         provider: pname,
         key_id,
     };
