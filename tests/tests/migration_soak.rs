@@ -113,7 +113,7 @@ fn migration_soak() -> Result<()> {
 
     let mut times = Vec::new();
     for i in 0..runs {
-        let (from, to) = if i % 2 == 0 { (a, b) } else { (b, a) };
+        let (from, to) = if i.is_multiple_of(2) { (a, b) } else { (b, a) };
         let t = Instant::now();
         from.virsh(["migrate", "--live", "--p2p", vm.name, &to.uri()])?;
         times.push(t.elapsed().as_secs_f64());
@@ -134,7 +134,7 @@ fn migration_soak() -> Result<()> {
         );
     }
 
-    let last = if runs % 2 == 0 { a } else { b };
+    let last = if runs.is_multiple_of(2) { a } else { b };
     let mut con = console(last, &vm.console, vm.name)?;
     con.run_ok("touch /tmp/stop; i=0; while [ -e /tmp/stop ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done; echo stopped")?;
     let out = con.run_ok(
