@@ -175,3 +175,310 @@ fn read_segments<M: GuestMemoryBackend>(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::ParseError;
+    use crate::testutil::{header, r, segments, w, BUFS, MEM_LEN};
+    use virtio_bindings::virtio_blk::*;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    const HDR: u64 = BUFS;
+    const DATA: u64 = BUFS + 0x1000;
+    const STATUS: u64 = BUFS + 0x8000;
+    const BOUNDS: Bounds = Bounds {
+        sectors: 64,
+        readonly: false,
+    };
+
+    #[derive(Debug)]
+    enum Refused {
+        Framing(ParseError, Option<GuestAddress>),
+        Checks(ExecuteError),
+    }
+
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_LEN)]).unwrap()
+    }
+
+    /// Both parsing steps on the chain a driver would build from `descs`.
+    fn parse_in(
+        m: &GuestMemoryMmap<()>,
+        descs: &[RawDescriptor],
+        bounds: Bounds,
+    ) -> Result<Command, Refused> {
+        let queue = MockSplitQueue::new(m, 16);
+        let chain = queue.build_desc_chain(descs).unwrap();
+        let req = request::parse(chain, m).map_err(|(e, at)| Refused::Framing(e, at))?;
+        Command::parse(req, bounds, m).map_err(Refused::Checks)
+    }
+
+    /// A request of `kind` at `sector` with the usual three descriptors.
+    fn parse(
+        kind: u32,
+        sector: u64,
+        data: RawDescriptor,
+        bounds: Bounds,
+    ) -> Result<Command, Refused> {
+        let m = mem();
+        header(&m, HDR, kind, sector);
+        parse_in(&m, &[r(HDR, 16), data, w(STATUS, 1)], bounds)
+    }
+
+    fn seg(addr: u64, len: u64) -> Segment {
+        Segment {
+            addr: GuestAddress(addr),
+            len,
+        }
+    }
+
+    #[test]
+    fn read_write_flush_and_get_id() {
+        assert_eq!(
+            parse(VIRTIO_BLK_T_IN, 3, w(DATA, 1024), BOUNDS).unwrap(),
+            Command::Transfer {
+                direction: Direction::Read,
+                sector: 3,
+                buffers: vec![seg(DATA, 1024)],
+            }
+        );
+        assert_eq!(
+            parse(VIRTIO_BLK_T_OUT, 62, r(DATA, 1024), BOUNDS).unwrap(),
+            Command::Transfer {
+                direction: Direction::Write,
+                sector: 62,
+                buffers: vec![seg(DATA, 1024)],
+            }
+        );
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(
+            parse_in(&m, &[r(HDR, 16), w(STATUS, 1)], BOUNDS).unwrap(),
+            Command::Flush
+        );
+        // GET_ID ignores the sector, and the read-only flag.
+        let ro = Bounds {
+            readonly: true,
+            ..BOUNDS
+        };
+        assert_eq!(
+            parse(VIRTIO_BLK_T_GET_ID, u64::MAX, w(DATA, 20), ro).unwrap(),
+            Command::GetId {
+                buffers: vec![seg(DATA, 20)]
+            }
+        );
+    }
+
+    #[test]
+    fn discard_and_write_zeroes() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_DISCARD, 0);
+        segments(&m, DATA, &[(0, 8, 0), (56, 8, 0)]);
+        assert_eq!(
+            parse_in(&m, &[r(HDR, 16), r(DATA, 32), w(STATUS, 1)], BOUNDS).unwrap(),
+            Command::Discard(vec![
+                SectorRange { first: 0, count: 8 },
+                SectorRange {
+                    first: 56,
+                    count: 8
+                },
+            ])
+        );
+        header(&m, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        segments(&m, DATA, &[(1, 2, WRITE_ZEROES_UNMAP), (9, 1, 0)]);
+        assert_eq!(
+            parse_in(&m, &[r(HDR, 16), r(DATA, 32), w(STATUS, 1)], BOUNDS).unwrap(),
+            Command::WriteZeroes(vec![
+                ZeroRange {
+                    range: SectorRange { first: 1, count: 2 },
+                    unmap: true
+                },
+                ZeroRange {
+                    range: SectorRange { first: 9, count: 1 },
+                    unmap: false
+                },
+            ])
+        );
+    }
+
+    #[test]
+    fn refuses_sectors_outside_the_disk() {
+        for (kind, data) in [
+            (VIRTIO_BLK_T_IN, w(DATA, 1024)),
+            (VIRTIO_BLK_T_OUT, r(DATA, 1024)),
+        ] {
+            let e = parse(kind, 63, data, BOUNDS).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Refused::Checks(ExecuteError::OutOfRange {
+                        first: 63,
+                        count: 2,
+                        capacity: 64
+                    })
+                ),
+                "{e:?}"
+            );
+            // The end wrapping around u64 is out of range too.
+            let e = parse(kind, u64::MAX, data, BOUNDS).unwrap_err();
+            assert!(
+                matches!(e, Refused::Checks(ExecuteError::OutOfRange { .. })),
+                "{e:?}"
+            );
+        }
+        // Up to the last sector is fine.
+        assert!(parse(VIRTIO_BLK_T_IN, 62, w(DATA, 1024), BOUNDS).is_ok());
+    }
+
+    #[test]
+    fn refuses_partial_sectors() {
+        let e = parse(VIRTIO_BLK_T_IN, 0, w(DATA, 1000), BOUNDS).unwrap_err();
+        assert!(
+            matches!(e, Refused::Checks(ExecuteError::Unaligned(1000))),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn refuses_writes_to_a_read_only_disk_before_anything_else() {
+        let ro = Bounds {
+            readonly: true,
+            ..BOUNDS
+        };
+        let e = parse(VIRTIO_BLK_T_OUT, 1000, r(DATA, 512), ro).unwrap_err();
+        assert!(
+            matches!(e, Refused::Checks(ExecuteError::ReadOnly)),
+            "{e:?}"
+        );
+        // Bad segments too: READ_ONLY (IOERR), not their UNSUPP.
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_DISCARD, 0);
+        segments(&m, DATA, &[(0, 8, 0xff)]);
+        let e = parse_in(&m, &[r(HDR, 16), r(DATA, 16), w(STATUS, 1)], ro).unwrap_err();
+        assert!(
+            matches!(e, Refused::Checks(ExecuteError::ReadOnly)),
+            "{e:?}"
+        );
+        // Reads are fine.
+        assert!(parse(VIRTIO_BLK_T_IN, 0, w(DATA, 512), ro).is_ok());
+    }
+
+    #[test]
+    fn refuses_unknown_types_as_unsupported() {
+        let e = parse(99, 0, w(DATA, 512), BOUNDS).unwrap_err();
+        let Refused::Checks(e) = e else {
+            panic!("{e:?}")
+        };
+        assert!(matches!(e, ExecuteError::Unsupported(99)));
+        assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP as u8);
+    }
+
+    #[test]
+    fn refuses_bad_segments() {
+        let m = mem();
+        let bad = |kind, segs: &[(u64, u32, u32)], len: u32| {
+            header(&m, HDR, kind, 0);
+            segments(&m, DATA, segs);
+            parse_in(&m, &[r(HDR, 16), r(DATA, len), w(STATUS, 1)], BOUNDS).unwrap_err()
+        };
+        let unsupp = |e: Refused| match e {
+            Refused::Checks(e) => {
+                assert!(matches!(e, ExecuteError::BadSegment), "{e:?}");
+                assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP as u8);
+            }
+            e => panic!("{e:?}"),
+        };
+        // UNMAP is a write-zeroes flag only.
+        unsupp(bad(VIRTIO_BLK_T_DISCARD, &[(0, 8, WRITE_ZEROES_UNMAP)], 16));
+        unsupp(bad(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8, 2)], 16));
+        // Not whole segments, none, or too many.
+        unsupp(bad(VIRTIO_BLK_T_DISCARD, &[(0, 8, 0)], 15));
+        unsupp(bad(VIRTIO_BLK_T_DISCARD, &[], 0));
+        let many = vec![(0, 1, 0); MAX_SEGMENTS as usize + 1];
+        unsupp(bad(VIRTIO_BLK_T_DISCARD, &many, 16 * (MAX_SEGMENTS + 1)));
+        unsupp(bad(
+            VIRTIO_BLK_T_DISCARD,
+            &[(0, MAX_SEGMENT_SECTORS + 1, 0)],
+            16,
+        ));
+        // One segment beyond the disk refuses the whole request.
+        let e = bad(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8, 0), (60, 8, 0)], 32);
+        assert!(
+            matches!(
+                e,
+                Refused::Checks(ExecuteError::OutOfRange { first: 60, .. })
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn refuses_malformed_chains() {
+        let m = mem();
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        // Too short a header: IOERR at the status byte.
+        let e = parse_in(&m, &[r(HDR, 8), w(DATA, 512), w(STATUS, 1)], BOUNDS).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Refused::Framing(ParseError::ShortHeader(8), Some(GuestAddress(STATUS)))
+            ),
+            "{e:?}"
+        );
+        // No status descriptor: nowhere to answer.
+        let e = parse_in(&m, &[r(HDR, 16)], BOUNDS).unwrap_err();
+        assert!(
+            matches!(e, Refused::Framing(ParseError::NoStatus, None)),
+            "{e:?}"
+        );
+        // The status in a device-readable descriptor is no status.
+        let e = parse_in(&m, &[r(HDR, 16), r(STATUS, 1)], BOUNDS).unwrap_err();
+        assert!(
+            matches!(e, Refused::Framing(ParseError::NoStatus, None)),
+            "{e:?}"
+        );
+        // The header in a device-writable descriptor is no header.
+        let e = parse_in(&m, &[w(HDR, 16), w(STATUS, 1)], BOUNDS).unwrap_err();
+        assert!(
+            matches!(e, Refused::Framing(ParseError::ShortHeader(0), Some(_))),
+            "{e:?}"
+        );
+        // Readable after writable breaks the framing.
+        let e = parse_in(
+            &m,
+            &[r(HDR, 16), w(DATA, 512), r(DATA, 512), w(STATUS, 1)],
+            BOUNDS,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, Refused::Framing(ParseError::ReadableAfterWritable, None)),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn data_in_the_wrong_direction_is_not_data() {
+        // A write whose data the driver marked device-writable carries no
+        // data: it writes nothing (as before the parser was split).
+        assert_eq!(
+            parse(VIRTIO_BLK_T_OUT, 0, w(DATA, 512), BOUNDS).unwrap(),
+            Command::Transfer {
+                direction: Direction::Write,
+                sector: 0,
+                buffers: vec![],
+            }
+        );
+        // And a read from device-readable buffers reads nothing.
+        assert_eq!(
+            parse(VIRTIO_BLK_T_IN, 0, r(DATA, 512), BOUNDS).unwrap(),
+            Command::Transfer {
+                direction: Direction::Read,
+                sector: 0,
+                buffers: vec![],
+            }
+        );
+    }
+}

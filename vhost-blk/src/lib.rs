@@ -30,4 +30,6 @@ pub mod request;
 pub mod server;
 pub mod socket;
 pub mod status;
+#[cfg(test)]
+mod testutil;
 pub mod worker;

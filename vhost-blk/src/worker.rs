@@ -119,3 +119,151 @@ fn queue_is_broken(vring: &VringState<GuestMemAtomic>, mem: &GuestMem) -> bool {
         Err(_) => true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{chain, disk, guest_mem, header, pattern, r, w, Via, BUFS, SECTORS};
+    use vhost_user_backend::{VringRwLock, VringT};
+    use virtio_bindings::virtio_blk::*;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestAddressSpace};
+
+    const QUEUE: u16 = 32;
+
+    fn hdr(i: u64) -> u64 {
+        BUFS + 0x100 * i
+    }
+    fn status(i: u64) -> u64 {
+        BUFS + 0x800 + i
+    }
+    fn data(i: u64) -> u64 {
+        BUFS + 0x1000 * (i + 1)
+    }
+
+    /// A ready vring over the mock driver's rings.
+    fn vring(
+        atomic: &GuestMemAtomic,
+        q: &MockSplitQueue<'_, GuestMem>,
+    ) -> VringRwLock<GuestMemAtomic> {
+        let v = VringRwLock::new(atomic.clone(), QUEUE).unwrap();
+        v.set_queue_size(QUEUE);
+        v.set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            .unwrap();
+        v.set_queue_ready(true);
+        v
+    }
+
+    /// The used ring's entries: (head, length).
+    fn used(mem: &GuestMem, q: &MockSplitQueue<'_, GuestMem>) -> Vec<(u32, u32)> {
+        let base = q.used_addr().0;
+        let idx: u16 = mem.read_obj(GuestAddress(base + 2)).unwrap();
+        (0..u64::from(idx))
+            .map(|i| {
+                let at = base + 4 + 8 * i;
+                let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
+                let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
+                (id, len)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn completes_good_and_bad_requests_in_one_batch() {
+        for encrypted in [false, true] {
+            let (img, d) = disk(encrypted, Via::Mapped, false);
+            let mut worker = Worker::new(Arc::new(d)).unwrap();
+            let atomic = GuestMemAtomic::new(guest_mem());
+            let mem = atomic.memory();
+            let q = MockSplitQueue::new(&*mem, QUEUE);
+            let v = vring(&atomic, &q);
+
+            let written = pattern(1024, 42);
+            mem.write_slice(&written, GuestAddress(data(0))).unwrap();
+            let requests: [(u32, u64, Vec<RawDescriptor>); 8] = [
+                (
+                    VIRTIO_BLK_T_OUT,
+                    5,
+                    vec![r(hdr(0), 16), r(data(0), 1024), w(status(0), 1)],
+                ),
+                (
+                    VIRTIO_BLK_T_IN,
+                    5,
+                    vec![r(hdr(1), 16), w(data(1), 1024), w(status(1), 1)],
+                ),
+                (VIRTIO_BLK_T_FLUSH, 0, vec![r(hdr(2), 16), w(status(2), 1)]),
+                (
+                    VIRTIO_BLK_T_GET_ID,
+                    0,
+                    vec![r(hdr(3), 16), w(data(3), 64), w(status(3), 1)],
+                ),
+                (
+                    VIRTIO_BLK_T_IN,
+                    SECTORS,
+                    vec![r(hdr(4), 16), w(data(4), 512), w(status(4), 1)],
+                ),
+                (VIRTIO_BLK_T_IN, 0, vec![r(hdr(5), 16)]),
+                (VIRTIO_BLK_T_IN, 0, vec![r(hdr(6), 8), w(status(6), 1)]),
+                (99, 0, vec![r(hdr(7), 16), w(status(7), 1)]),
+            ];
+            let mut table = Vec::new();
+            let mut heads = Vec::new();
+            for (i, (kind, sector, descs)) in requests.iter().enumerate() {
+                header(&*mem, hdr(i as u64), *kind, *sector);
+                // Unset, so that a status we never wrote shows.
+                mem.write_obj(0xffu8, GuestAddress(status(i as u64)))
+                    .unwrap();
+                heads.push(table.len() as u32);
+                table.extend(chain(descs, table.len() as u16));
+            }
+            q.add_desc_chains(&table, 0).unwrap();
+
+            let n = worker.process_queue(&mut v.get_mut(), &mem);
+            assert_eq!(n, requests.len());
+            let lens: Vec<u32> = [1, 1025, 1, 21, 1, 0, 1, 1].to_vec();
+            assert_eq!(
+                used(&mem, &q),
+                heads.into_iter().zip(lens).collect::<Vec<_>>()
+            );
+            let st = |i| mem.read_obj::<u8>(GuestAddress(status(i))).unwrap() as u32;
+            assert_eq!(
+                (0..8).map(st).collect::<Vec<_>>(),
+                [
+                    VIRTIO_BLK_S_OK,
+                    VIRTIO_BLK_S_OK,
+                    VIRTIO_BLK_S_OK,
+                    VIRTIO_BLK_S_OK,
+                    VIRTIO_BLK_S_IOERR,
+                    0xff,
+                    VIRTIO_BLK_S_IOERR,
+                    VIRTIO_BLK_S_UNSUPP,
+                ]
+            );
+            let mut back = vec![0u8; 1024];
+            mem.read_slice(&mut back, GuestAddress(data(1))).unwrap();
+            assert_eq!(back, written, "encrypted={encrypted}");
+            assert_eq!(img.plaintext(5, 1024), written);
+            assert_eq!(img.stored(5, 1024) == written, !encrypted);
+
+            // Nothing more to do: nothing more completed.
+            assert_eq!(worker.process_queue(&mut v.get_mut(), &mem), 0);
+        }
+    }
+
+    #[test]
+    fn an_invalid_available_index_yields_nothing() {
+        let (_img, d) = disk(false, Via::Cached, false);
+        let mut worker = Worker::new(Arc::new(d)).unwrap();
+        let atomic = GuestMemAtomic::new(guest_mem());
+        let mem = atomic.memory();
+        let q = MockSplitQueue::new(&*mem, QUEUE);
+        let v = vring(&atomic, &q);
+        // More than a queue's worth published: no valid driver does that.
+        mem.write_obj(QUEUE + 5, GuestAddress(q.avail_addr().0 + 2))
+            .unwrap();
+        assert_eq!(worker.process_queue(&mut v.get_mut(), &mem), 0);
+        assert!(worker.warned_broken);
+        assert!(used(&mem, &q).is_empty());
+    }
+}
