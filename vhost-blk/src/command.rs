@@ -237,22 +237,19 @@ mod tests {
 
     #[test]
     fn read_write_flush_and_get_id() {
-        assert_eq!(
-            parse(VIRTIO_BLK_T_IN, 3, w(DATA, 1024), BOUNDS).unwrap(),
-            Command::Transfer {
-                direction: Direction::Read,
-                sector: 3,
-                buffers: vec![seg(DATA, 1024)],
-            }
-        );
-        assert_eq!(
-            parse(VIRTIO_BLK_T_OUT, 62, r(DATA, 1024), BOUNDS).unwrap(),
-            Command::Transfer {
-                direction: Direction::Write,
-                sector: 62,
-                buffers: vec![seg(DATA, 1024)],
-            }
-        );
+        for (kind, direction, data, sector) in [
+            (VIRTIO_BLK_T_IN, Direction::Read, w(DATA, 1024), 3),
+            (VIRTIO_BLK_T_OUT, Direction::Write, r(DATA, 1024), 62),
+        ] {
+            assert_eq!(
+                parse(kind, sector, data, BOUNDS).unwrap(),
+                Command::Transfer {
+                    direction,
+                    sector,
+                    buffers: vec![seg(DATA, 1024)],
+                }
+            );
+        }
         let m = mem();
         header(&m, HDR, VIRTIO_BLK_T_FLUSH, 0);
         assert_eq!(

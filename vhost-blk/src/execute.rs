@@ -11,7 +11,7 @@ use vm_memory::Bytes;
 use vmcrypt_crypto::xts::XtsError;
 
 use crate::command::{Command, SectorRange};
-use crate::datapath::{DataPath, Extent};
+use crate::datapath::{DataPath, Extent, Transfer};
 use crate::disk::{Bounds, Disk, SERIAL_LEN};
 use crate::guest::{self, GuestMem};
 use crate::io::{fallocate, Direction};
@@ -48,8 +48,11 @@ impl Executor {
                     self.claim_image()?;
                 }
                 let slices = guest::slices(mem, buffers)?;
-                self.path
-                    .transfer(*direction, &Extent::new(&self.disk, *sector), &slices)?;
+                self.path.transfer(&Transfer {
+                    direction: *direction,
+                    at: Extent::new(&self.disk, *sector),
+                    guest: &slices,
+                })?;
                 Ok(match direction {
                     // At most MAX_DATA_BYTES, enforced by the parser.
                     Direction::Read => buffers.iter().map(|s| s.len).sum::<u64>() as u32,

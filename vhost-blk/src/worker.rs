@@ -123,7 +123,9 @@ fn queue_is_broken(vring: &VringState<GuestMemAtomic>, mem: &GuestMem) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{chain, disk, guest_mem, header, pattern, r, w, Via, BUFS, SECTORS};
+    use crate::testutil::{
+        chain, disk, guest_mem, header, pattern, r, w, TestDisk, Via, BUFS, SECTORS,
+    };
     use vhost_user_backend::{VringRwLock, VringT};
     use virtio_bindings::virtio_blk::*;
     use virtio_queue::desc::RawDescriptor;
@@ -140,6 +142,13 @@ mod tests {
     }
     fn data(i: u64) -> u64 {
         BUFS + 0x1000 * (i + 1)
+    }
+
+    /// A worker for a fresh test disk, and guest RAM.
+    fn setup(encrypted: bool, via: Via) -> (TestDisk, Worker, GuestMemAtomic) {
+        let (img, d) = disk(encrypted, via, false);
+        let worker = Worker::new(Arc::new(d)).unwrap();
+        (img, worker, GuestMemAtomic::new(guest_mem()))
     }
 
     /// A ready vring over the mock driver's rings.
@@ -172,9 +181,7 @@ mod tests {
     #[test]
     fn completes_good_and_bad_requests_in_one_batch() {
         for encrypted in [false, true] {
-            let (img, d) = disk(encrypted, Via::Mapped, false);
-            let mut worker = Worker::new(Arc::new(d)).unwrap();
-            let atomic = GuestMemAtomic::new(guest_mem());
+            let (img, mut worker, atomic) = setup(encrypted, Via::Mapped);
             let mem = atomic.memory();
             let q = MockSplitQueue::new(&*mem, QUEUE);
             let v = vring(&atomic, &q);
@@ -253,9 +260,7 @@ mod tests {
 
     #[test]
     fn an_invalid_available_index_yields_nothing() {
-        let (_img, d) = disk(false, Via::Cached, false);
-        let mut worker = Worker::new(Arc::new(d)).unwrap();
-        let atomic = GuestMemAtomic::new(guest_mem());
+        let (_img, mut worker, atomic) = setup(false, Via::Cached);
         let mem = atomic.memory();
         let q = MockSplitQueue::new(&*mem, QUEUE);
         let v = vring(&atomic, &q);

@@ -5,8 +5,8 @@
 
 use vmcrypt_crypto::xts::SectorCipher;
 
-use super::Extent;
-use crate::guest::{self, GuestSlice};
+use super::{Extent, Transfer};
+use crate::guest;
 use crate::io::{transfer_buf, AlignedBuf, Direction};
 use crate::status::ExecuteError;
 
@@ -18,10 +18,9 @@ const ZERO_CHUNK: usize = 1 << 20;
 pub fn transfer(
     bounce: &mut AlignedBuf,
     cipher: Option<&mut SectorCipher>,
-    direction: Direction,
-    at: &Extent<'_>,
-    guest: &[GuestSlice<'_>],
+    t: &Transfer<'_, '_>,
 ) -> Result<(), ExecuteError> {
+    let (direction, at, guest) = (t.direction, &t.at, t.guest);
     let buf = bounce.get(guest::total(guest));
     match direction {
         Direction::Read => {

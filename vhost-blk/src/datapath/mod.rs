@@ -26,10 +26,8 @@ use vmcrypt_crypto::xts::{SectorCipher, XtsError};
 pub use crate::disk::Access;
 use crate::disk::Disk;
 use crate::guest::{self, GuestSlice};
-use crate::io::Direction;
+use crate::io::{AlignedBuf, Direction};
 use crate::status::ExecuteError;
-pub use encrypted::Encrypted;
-pub use plain::Plain;
 
 /// Where in the image a transfer starts.
 pub struct Extent<'a> {
@@ -65,37 +63,53 @@ impl<'a> Extent<'a> {
     }
 }
 
-/// One worker's way of moving data, with its own cipher contexts and buffer.
-pub enum DataPath {
+/// One transfer: which way, from where in the image, which guest buffers.
+pub struct Transfer<'a, 'm> {
+    /// Which way the data moves.
+    pub direction: Direction,
+    /// Where in the image.
+    pub at: Extent<'a>,
+    /// The guest's buffers, in order.
+    pub guest: &'a [GuestSlice<'m>],
+}
+
+/// Whether sectors are encrypted, from whether the disk has a key.
+enum Kind {
     /// A raw image: bytes are copied as they are.
-    Plain(Plain),
+    Plain,
     /// A LUKS image: sectors are encrypted on the way to the image and
-    /// decrypted on the way back.
-    Encrypted(Encrypted),
+    /// decrypted on the way back, with this worker's own cipher contexts.
+    Encrypted(SectorCipher),
+}
+
+/// One worker's way of moving data: its kind and its bounce buffer (only
+/// the buffered and streamed transfers and write-zeroes fallbacks grow it).
+pub struct DataPath {
+    kind: Kind,
+    bounce: AlignedBuf,
 }
 
 impl DataPath {
     /// The path for `disk`: encrypted when it has a key.
     pub fn for_disk(disk: &Disk) -> Result<Self, XtsError> {
-        Ok(match &disk.key {
-            None => DataPath::Plain(Plain::new()),
-            Some(key) => DataPath::Encrypted(Encrypted::new(SectorCipher::new(key)?)),
+        let kind = match &disk.key {
+            None => Kind::Plain,
+            Some(key) => Kind::Encrypted(SectorCipher::new(key)?),
+        };
+        Ok(DataPath {
+            kind,
+            bounce: AlignedBuf::new(),
         })
     }
 
-    /// Moves the guest buffers' bytes from or to the image at `at`.
-    pub fn transfer(
-        &mut self,
-        direction: Direction,
-        at: &Extent<'_>,
-        guest: &[GuestSlice<'_>],
-    ) -> Result<(), ExecuteError> {
-        match self {
-            DataPath::Plain(p) => p.transfer(direction, at, guest)?,
-            DataPath::Encrypted(e) => e.transfer(direction, at, guest)?,
+    /// Moves the guest buffers' bytes from or to the image.
+    pub fn transfer(&mut self, t: &Transfer<'_, '_>) -> Result<(), ExecuteError> {
+        match &mut self.kind {
+            Kind::Plain => plain::transfer(&mut self.bounce, t)?,
+            Kind::Encrypted(cipher) => encrypted::transfer(cipher, &mut self.bounce, t)?,
         }
-        if direction == Direction::Read {
-            guest::mark_dirty(guest);
+        if t.direction == Direction::Read {
+            guest::mark_dirty(t.guest);
         }
         Ok(())
     }
@@ -107,9 +121,13 @@ impl DataPath {
         len: u64,
         unmap: bool,
     ) -> Result<(), ExecuteError> {
-        match self {
-            DataPath::Plain(p) => p.write_zeroes(at, len, unmap),
-            DataPath::Encrypted(e) => e.write_zeroes(at, len),
+        match &mut self.kind {
+            Kind::Plain => plain::write_zeroes(&mut self.bounce, at, len, unmap),
+            // A hole or zeroed range would decrypt to garbage: the guest
+            // must read zeros back, so zeros are written encrypted.
+            Kind::Encrypted(cipher) => {
+                buffered::write_zeros(&mut self.bounce, Some(cipher), at, len)
+            }
         }
     }
 }
