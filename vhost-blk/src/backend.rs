@@ -17,9 +17,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::command::{MAX_SEGMENTS, MAX_SEGMENT_SECTORS};
 use crate::disk::Disk;
+use crate::guest::GuestMemAtomic;
 use crate::socket::PeerGate;
-use crate::worker::{GuestMemAtomic, Worker, MAX_SEGMENTS, MAX_SEGMENT_SECTORS};
+use crate::worker::Worker;
 
 /// `VHOST_F_LOG_ALL`: we log our writes to guest RAM, so QEMU can live
 /// migrate a guest that uses this disk.

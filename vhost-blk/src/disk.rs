@@ -65,6 +65,39 @@ pub enum OpenError {
     Empty(String),
 }
 
+/// How a worker reaches the image's bytes, fixed when the image is opened
+/// so that no request has to work it out again.
+pub enum Access {
+    /// Through the page cache; reads come straight from a read-only mapping
+    /// of the image (no copy through a buffer), writes go through `pwrite`.
+    Mapped(crate::mapping::Mapping),
+    /// Through the page cache with `pread`/`pwrite` (the kernel cannot map
+    /// the image or lacks `MADV_POPULATE_READ`).
+    Cached,
+    /// `O_DIRECT`: every transfer goes through an aligned buffer, since
+    /// guest buffers have no alignment the kernel would accept.
+    Direct,
+}
+
+impl Access {
+    fn name(&self) -> &'static str {
+        match self {
+            Access::Mapped(_) => "mapped",
+            Access::Cached => "cached",
+            Access::Direct => "direct",
+        }
+    }
+}
+
+/// What a request is checked against before it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    /// Size in 512-byte sectors.
+    pub sectors: u64,
+    /// Writes are refused.
+    pub readonly: bool,
+}
+
 /// An open disk: the file, where its payload is, and its key.
 pub struct Disk {
     /// The image.
@@ -75,16 +108,14 @@ pub struct Disk {
     pub sectors: u64,
     /// Read-only.
     pub readonly: bool,
-    /// Opened with O_DIRECT.
-    pub direct: bool,
+    /// How the image's bytes are reached.
+    pub access: Access,
     /// The image is a block device (discard goes through fallocate too).
     pub block_device: bool,
     /// The XTS master key; `None` for a raw image.
     pub key: Option<MasterKey>,
     /// GET_ID answer, NUL padded.
     pub serial: [u8; SERIAL_LEN],
-    /// Read-only view of the image for copy-free reads (not with O_DIRECT).
-    pub map: Option<crate::mapping::Mapping>,
     /// Whether this process may write the image now (see [`crate::owner`]).
     pub owner: crate::owner::Ownership,
 }
@@ -95,6 +126,7 @@ impl std::fmt::Debug for Disk {
             .field("data_offset", &self.data_offset)
             .field("sectors", &self.sectors)
             .field("readonly", &self.readonly)
+            .field("access", &self.access.name())
             .field("encrypted", &self.key.is_some())
             .finish()
     }
@@ -153,18 +185,20 @@ impl Disk {
             return Err(OpenError::Empty(shown));
         }
         let file = open(&cfg.image, !cfg.readonly, cfg.direct)?;
-        let map = if cfg.direct {
-            None
+        let access = if cfg.direct {
+            Access::Direct
         } else {
-            crate::mapping::Mapping::new(&file, data_offset + sectors * 512)
+            match crate::mapping::Mapping::new(&file, data_offset + sectors * 512) {
+                Some(map) => Access::Mapped(map),
+                None => Access::Cached,
+            }
         };
         Ok(Disk {
-            map,
+            access,
             file,
             data_offset,
             sectors,
             readonly: cfg.readonly,
-            direct: cfg.direct,
             block_device,
             key,
             serial: serial_bytes(cfg),
@@ -175,6 +209,14 @@ impl Disk {
     /// Capacity in bytes.
     pub fn capacity_bytes(&self) -> u64 {
         self.sectors * 512
+    }
+
+    /// What requests are checked against.
+    pub fn bounds(&self) -> Bounds {
+        Bounds {
+            sectors: self.sectors,
+            readonly: self.readonly,
+        }
     }
 }
 

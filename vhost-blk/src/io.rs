@@ -10,6 +10,15 @@ pub const ALIGN: usize = 4096;
 /// The kernel's limit on iovecs per call.
 const IOV_MAX: usize = 1024;
 
+/// Which way a request's data moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From the image into guest RAM (`VIRTIO_BLK_T_IN`).
+    Read,
+    /// From guest RAM into the image (`VIRTIO_BLK_T_OUT`).
+    Write,
+}
+
 /// A growable, 4 KiB-aligned, zero-initialised buffer owned by one worker.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
@@ -77,8 +86,8 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// Reads (`write == false`) or writes all of `iov` at `off`, retrying on
-/// short transfers and EINTR.
+/// Reads or writes all of `iov` at `off`, retrying on short transfers and
+/// EINTR.
 ///
 /// The iovecs must point to memory valid for the transfer; they are consumed
 /// (advanced) as bytes move.
@@ -86,7 +95,7 @@ pub fn transfer_all(
     fd: RawFd,
     mut iov: &mut [libc::iovec],
     mut off: u64,
-    write: bool,
+    direction: Direction,
 ) -> io::Result<()> {
     while !iov.is_empty() {
         let n = iov.len().min(IOV_MAX) as libc::c_int;
@@ -94,10 +103,9 @@ pub fn transfer_all(
         // SAFETY: iov holds n valid iovec entries whose buffers the caller
         // guarantees are valid for this transfer.
         let r = unsafe {
-            if write {
-                libc::pwritev(fd, iov.as_ptr(), n, pos)
-            } else {
-                libc::preadv(fd, iov.as_ptr(), n, pos)
+            match direction {
+                Direction::Write => libc::pwritev(fd, iov.as_ptr(), n, pos),
+                Direction::Read => libc::preadv(fd, iov.as_ptr(), n, pos),
             }
         };
         if r < 0 {
@@ -135,12 +143,12 @@ pub fn transfer_all(
 }
 
 /// Reads or writes a whole buffer at `off`.
-pub fn transfer_buf(fd: RawFd, buf: &mut [u8], off: u64, write: bool) -> io::Result<()> {
+pub fn transfer_buf(fd: RawFd, buf: &mut [u8], off: u64, direction: Direction) -> io::Result<()> {
     let mut iov = [libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     }];
-    transfer_all(fd, &mut iov, off, write)
+    transfer_all(fd, &mut iov, off, direction)
 }
 
 /// `fallocate(2)`; `Ok(false)` when the file system does not support `mode`.
@@ -198,12 +206,12 @@ mod tests {
                 iov_len: b.len(),
             },
         ];
-        transfer_all(f.as_raw_fd(), &mut iov, 512, true).unwrap();
+        transfer_all(f.as_raw_fd(), &mut iov, 512, Direction::Write).unwrap();
         let mut back = vec![0u8; 4096];
-        transfer_buf(f.as_raw_fd(), &mut back, 512, false).unwrap();
+        transfer_buf(f.as_raw_fd(), &mut back, 512, Direction::Read).unwrap();
         assert_eq!(&back[..3000], &a[..]);
         assert_eq!(&back[3000..], &b[..]);
-        let e = transfer_buf(f.as_raw_fd(), &mut back, 4096, false).unwrap_err();
+        let e = transfer_buf(f.as_raw_fd(), &mut back, 4096, Direction::Read).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         std::fs::remove_file(p).unwrap();
     }
