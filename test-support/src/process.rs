@@ -233,8 +233,7 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Waits up to `timeout` for `child` to exit; `None` if it did not.
-pub fn wait_child(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
+fn wait_child(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(st) = child.try_wait().context("waitpid")? {

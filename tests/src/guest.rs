@@ -24,7 +24,7 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -36,7 +36,6 @@ use serde_json::Value;
 
 // Shared with the benchmark; the test files keep importing them from here.
 pub use vmcrypt_test_support::bins::repo_root;
-use vmcrypt_test_support::process::wait_child;
 pub use vmcrypt_test_support::process::{spawn_child, ChildGuard};
 pub use vmcrypt_test_support::qmp::Qmp;
 
@@ -795,7 +794,7 @@ impl QemuConfig {
 
 /// A running QEMU with the test guest. Dropping it kills QEMU.
 pub struct Guest {
-    child: Child,
+    child: ChildGuard,
     console: Console,
     qmp: Option<Qmp>,
     qmp_path: PathBuf,
@@ -858,10 +857,10 @@ impl Guest {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = spawn_child(cmd)?;
-        let stdin: ChildStdin = child.stdin.take().context("QEMU stdin")?;
-        let stdout = child.stdout.take().context("QEMU stdout")?;
-        let stderr = child.stderr.take().context("QEMU stderr")?;
+        let mut child = ChildGuard::spawn(&cfg.name, cmd)?;
+        let stdin: ChildStdin = child.child().stdin.take().context("QEMU stdin")?;
+        let stdout = child.child().stdout.take().context("QEMU stdout")?;
+        let stderr = child.child().stderr.take().context("QEMU stderr")?;
         let mut console = Console::new(&cfg.name, stdout, stdin);
         console.attach_log("(qemu stderr) ", stderr);
         console.set_cmd_timeout(cfg.cmd_timeout);
@@ -878,7 +877,7 @@ impl Guest {
     }
 
     fn exit_note(&mut self) -> String {
-        match self.child.try_wait() {
+        match self.child.child().try_wait() {
             Ok(Some(st)) => format!(" (QEMU exited: {st})"),
             _ => String::new(),
         }
@@ -1012,31 +1011,28 @@ impl Guest {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.child.is_running()
     }
 
     /// Waits up to `timeout` for QEMU to exit on its own.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
-        wait_child(&mut self.child, timeout)
+        self.child.wait_timeout(timeout)
     }
 
     /// SIGKILLs QEMU (if running) and reaps it.
     pub fn kill(&mut self) {
-        if self.is_running() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
+        let _ = self.child.kill();
     }
 
     /// QMP `quit`, then waits up to 10 s before killing. Errors if QEMU had
     /// to be killed or exited unsuccessfully (QEMU is gone either way).
     pub fn shutdown(mut self) -> Result<()> {
         if !self.is_running() {
-            let st = self.child.wait().context("waitpid")?;
+            let st = self.child.child().wait().context("waitpid")?;
             if st.success() {
                 return Ok(());
             }
