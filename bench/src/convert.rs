@@ -22,6 +22,7 @@ use vmcrypt_test_support::bins::release_binaries;
 use vmcrypt_test_support::process::last_line;
 use vmcrypt_test_support::random::random_hex;
 
+use crate::args::qemu_path;
 use crate::machine;
 use crate::proc::{self, check_stop};
 use crate::stats::median;
@@ -437,9 +438,4 @@ fn make_source(ctx: &Ctx, size: u64) -> anyhow::Result<()> {
 fn vmcrypt_binary(args: &ConvertArgs) -> anyhow::Result<PathBuf> {
     let mut v = release_binaries(args.bin_dir.as_deref(), &[("vmcrypt-cli", "vmcrypt")])?;
     v.pop().context("no binary")
-}
-
-/// QEMU option values escape commas by doubling them.
-fn qemu_path(p: &Path) -> String {
-    p.display().to_string().replace(',', ",,")
 }

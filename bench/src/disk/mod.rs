@@ -21,6 +21,7 @@ use vmcrypt_test_support::bins::release_binaries;
 use vmcrypt_test_support::process::ChildGuard;
 use vmcrypt_test_support::random::random_hex;
 
+use crate::args::qemu_path;
 use crate::proc::{self, check_stop, ScratchDir};
 use client::{Client, Rng, Sample};
 
@@ -497,11 +498,6 @@ fn fill(path: &Path, offset: u64, len: u64, seed: u64) -> anyhow::Result<()> {
     }
     f.sync_all().ok();
     Ok(())
-}
-
-/// QEMU option values escape commas by doubling them.
-fn qemu_path(p: &Path) -> String {
-    p.display().to_string().replace(',', ",,")
 }
 
 #[allow(clippy::too_many_arguments)]

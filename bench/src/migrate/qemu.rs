@@ -8,11 +8,7 @@ use std::process::Command;
 use anyhow::Context;
 
 use super::{transparent, Ctx};
-
-/// QEMU option values escape commas by doubling them.
-fn qemu_path(p: &Path) -> String {
-    p.display().to_string().replace(',', ",,")
-}
+use crate::args::qemu_path;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Side {
