@@ -11,7 +11,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
@@ -19,7 +18,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 
 use vmcrypt_test_support::bins::release_binaries;
-use vmcrypt_test_support::process::last_line;
+use vmcrypt_test_support::process::{die_with_parent, last_line};
 use vmcrypt_test_support::random::random_hex;
 
 use crate::args::qemu_path;
@@ -332,15 +331,7 @@ pub(crate) fn timed(mut cmd: Command, log: &Path) -> anyhow::Result<Sample> {
     cmd.stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
-    // SAFETY: the closure only calls prctl, which is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    die_with_parent(&mut cmd);
     let cpu0 = children_cpu();
     let t0 = Instant::now();
     let status = cmd

@@ -18,7 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 /// before exec, and SIGKILL at once if this process is already gone. The
 /// death signal is tied to the thread that forks, which must therefore live
 /// as long as the process.
-fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
     let parent = std::process::id();
     // SAFETY: the hook runs in the forked child before exec and only calls
     // the async-signal-safe functions prctl(2), getppid(2) and raise(3).
