@@ -154,26 +154,7 @@ fn names(wanted: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A directory of its own under the system's temporary directory.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(tag: &str) -> Result<Scratch> {
-            let p = std::env::temp_dir().join(format!(
-                "vmcrypt-test-support-{tag}-{}",
-                crate::random::random_hex(4)?
-            ));
-            std::fs::create_dir(&p)?;
-            Ok(Scratch(p))
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::scratch::Scratch;
 
     #[test]
     fn installed_is_any_value_but_empty_and_zero() {

@@ -9,3 +9,5 @@ pub mod net;
 pub mod process;
 pub mod qmp;
 pub mod random;
+#[cfg(test)]
+mod scratch;

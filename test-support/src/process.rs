@@ -297,6 +297,7 @@ fn strip_ansi(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
 
     #[test]
     fn a_guarded_child_is_gone_after_drop() -> Result<()> {
@@ -312,10 +313,8 @@ mod tests {
 
     #[test]
     fn a_logged_child_reports_its_exit_with_its_last_line() -> Result<()> {
-        let log = std::env::temp_dir().join(format!(
-            "vmcrypt-test-support-{}.log",
-            crate::random::random_hex(4)?
-        ));
+        let dir = Scratch::new("process")?;
+        let log = dir.0.join("shell.log");
         let mut cmd = Command::new("sh");
         cmd.args([
             "-c",
@@ -323,9 +322,11 @@ mod tests {
         ]);
         let mut g = ChildGuard::spawn_logged("shell", cmd, &log, None)?;
         g.wait_timeout(Duration::from_secs(10))?;
-        let e = g.check_alive().err().map(|e| e.to_string());
-        let _ = std::fs::remove_file(&log);
-        let e = e.unwrap_or_default();
+        let e = g
+            .check_alive()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.starts_with("shell exited (exit status: 3): last"), "{e}");
         Ok(())
     }

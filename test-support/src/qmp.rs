@@ -341,6 +341,7 @@ fn send_with_fd(to: &UnixStream, bytes: &[u8], fd: RawFd) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixListener;
 
@@ -376,31 +377,23 @@ mod tests {
 
     #[test]
     fn commands_answers_errors_and_events() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!(
-            "vmcrypt-test-support-qmp-{}",
-            crate::random::random_hex(4)?
-        ));
-        std::fs::create_dir(&dir)?;
-        let path = dir.join("qmp.sock");
+        let dir = Scratch::new("qmp")?;
+        let path = dir.0.join("qmp.sock");
         let server = fake_monitor(UnixListener::bind(&path)?);
-        let r = (|| -> Result<()> {
-            let mut q = Qmp::connect(&path, Duration::from_secs(5))?;
-            let st = q.execute("query-status", Value::Null)?;
-            assert_eq!(st["status"], "paused");
-            let ev = q.migration_event("completed").cloned().unwrap_or_default();
-            assert_eq!(event_time(&ev), 10.5);
-            let e = q.execute("nope", json!({})).err().map(|e| e.to_string());
-            assert!(
-                e.as_deref()
-                    .is_some_and(|e| e.ends_with("QMP nope failed: CommandNotFound: no")),
-                "{e:?}"
-            );
-            assert_eq!(q.wait_event("MIGRATION", Duration::from_secs(1))?, ev);
-            assert!(q.events().is_empty());
-            Ok(())
-        })();
-        let _ = std::fs::remove_dir_all(&dir);
-        r?;
+        let mut q = Qmp::connect(&path, Duration::from_secs(5))?;
+        let st = q.execute("query-status", Value::Null)?;
+        assert_eq!(st["status"], "paused");
+        let ev = q.migration_event("completed").cloned().unwrap_or_default();
+        assert_eq!(event_time(&ev), 10.5);
+        let e = q.execute("nope", json!({})).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.ends_with("QMP nope failed: CommandNotFound: no")),
+            "{e:?}"
+        );
+        assert_eq!(q.wait_event("MIGRATION", Duration::from_secs(1))?, ev);
+        assert!(q.events().is_empty());
+        // The fake monitor ends when the client hangs up; it is not joined.
         drop(server);
         Ok(())
     }
