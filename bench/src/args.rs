@@ -1,4 +1,7 @@
-//! Command-line value parsers the benchmarks share.
+//! Command-line values the benchmarks share: parsing their own options,
+//! quoting paths in QEMU's.
+
+use std::path::Path;
 
 /// Parses 1G, 512M, 1048576 (binary suffixes K, M, G, T) into bytes: a
 /// multiple of 1 MiB and at least `min_mib` MiB.
@@ -12,9 +15,20 @@ pub fn parse_size(s: &str, min_mib: u64) -> Result<u64, String> {
     Ok(v)
 }
 
+/// QEMU option values escape commas by doubling them.
+pub fn qemu_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, qemu_path};
+    use std::path::Path;
+
+    #[test]
+    fn commas_in_qemu_paths_are_doubled() {
+        assert_eq!(qemu_path(Path::new("/a,b/c")), "/a,,b/c");
+    }
 
     #[test]
     fn sizes() {

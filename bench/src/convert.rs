@@ -11,13 +11,17 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 
+use vmcrypt_test_support::bins::release_binaries;
+use vmcrypt_test_support::process::{die_with_parent, last_line};
+use vmcrypt_test_support::random::random_hex;
+
+use crate::args::qemu_path;
 use crate::machine;
 use crate::proc::{self, check_stop};
 use crate::stats::median;
@@ -327,15 +331,7 @@ pub(crate) fn timed(mut cmd: Command, log: &Path) -> anyhow::Result<Sample> {
     cmd.stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
-    // SAFETY: the closure only calls prctl, which is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    die_with_parent(&mut cmd);
     let cpu0 = children_cpu();
     let t0 = Instant::now();
     let status = cmd
@@ -344,7 +340,7 @@ pub(crate) fn timed(mut cmd: Command, log: &Path) -> anyhow::Result<Sample> {
     let wall = t0.elapsed().as_secs_f64();
     check_stop()?;
     if !status.success() {
-        let last = proc::last_line(log).unwrap_or_else(|| "no output".into());
+        let last = last_line(log).unwrap_or_else(|| "no output".into());
         bail!("exited with {status}: {last}");
     }
     Ok(Sample {
@@ -381,11 +377,7 @@ pub(crate) fn run_quiet(cmd: &mut Command) -> anyhow::Result<String> {
 /// 32 random bytes as 64 lowercase hex characters, mode 0600: vmcrypt and
 /// QEMU both take the text as the passphrase.
 fn write_key(path: &Path) -> anyhow::Result<()> {
-    let mut key = [0u8; 32];
-    File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
-        .context("cannot read /dev/urandom")?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = random_hex(32)?;
     OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -435,11 +427,6 @@ fn make_source(ctx: &Ctx, size: u64) -> anyhow::Result<()> {
 
 /// Finds (and, under cargo, first builds) vmcrypt.
 fn vmcrypt_binary(args: &ConvertArgs) -> anyhow::Result<PathBuf> {
-    let mut v = proc::release_binaries(args.bin_dir.as_deref(), &[("vmcrypt-cli", "vmcrypt")])?;
+    let mut v = release_binaries(args.bin_dir.as_deref(), &[("vmcrypt-cli", "vmcrypt")])?;
     v.pop().context("no binary")
-}
-
-/// QEMU option values escape commas by doubling them.
-fn qemu_path(p: &Path) -> String {
-    p.display().to_string().replace(',', ",,")
 }

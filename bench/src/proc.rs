@@ -1,19 +1,17 @@
-//! Process plumbing: stop signals, CPU accounting, CPU pinning, child
-//! processes that never outlive the benchmark, and a scratch directory on
-//! tmpfs that is removed on every exit path.
+//! Process plumbing: stop signals, CPU accounting, CPU pinning and a
+//! scratch directory on tmpfs that is removed on every exit path. Child
+//! processes are `vmcrypt_test_support::process::ChildGuard`s.
 
 use std::ffi::CString;
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
+use vmcrypt_test_support::process::pin_current_thread;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -163,161 +161,32 @@ pub fn allowed_cpus() -> Vec<usize> {
 /// Pins the calling thread (and the threads and children it creates later)
 /// to one CPU.
 pub fn pin_self(cpu: usize) -> anyhow::Result<()> {
-    if pin_current(cpu) != 0 {
-        bail!(
-            "cannot pin to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
+    pin_current_thread(cpu).map_err(|e| anyhow!("cannot pin to CPU {cpu}: {e}"))
 }
 
-/// `sched_setaffinity` for the calling thread; async-signal-safe (used
-/// between fork and exec). Returns 0 or -1.
-fn pin_current(cpu: usize) -> libc::c_int {
-    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET bounds-checks
-    // against the set's size; sched_setaffinity only reads the set.
+/// The exit of a child without reaping it (so its /proc entry stays):
+/// `None` while it runs, else whether it exited 0 and how.
+pub fn peek_exit(pid: u32) -> Option<(bool, String)> {
+    // SAFETY: a zeroed siginfo_t is valid output space; waitid with WNOWAIT
+    // only reports, it does not reap.
     unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    }
-}
-
-/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped and
-/// killed by the kernel if the benchmark itself dies (PDEATHSIG). It runs in
-/// its own process group, so a Ctrl-C at the terminal reaches only the
-/// benchmark, which then stops its children in order.
-pub struct Guarded {
-    child: Option<Child>,
-    /// What it is, for messages.
-    pub name: String,
-    /// Its stdout + stderr.
-    pub log: PathBuf,
-}
-
-impl Guarded {
-    /// Starts `cmd` with output to `log`, pinned to `cpu` if given.
-    pub fn spawn(
-        name: &str,
-        mut cmd: Command,
-        log: &Path,
-        cpu: Option<usize>,
-    ) -> anyhow::Result<Guarded> {
-        let out = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-        let err = out.try_clone()?;
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
-        // SAFETY: the closure only makes async-signal-safe system calls
-        // (prctl, sched_setaffinity, getppid) and allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The parent may have died before prctl took effect.
-                if libc::getppid() == 1 {
-                    return Err(std::io::Error::other("parent exited"));
-                }
-                if let Some(c) = cpu {
-                    if pin_current(c) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        if r != 0 || info.si_pid() == 0 {
+            return None;
         }
-        let program = cmd.get_program().to_string_lossy().into_owned();
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name} ({program})"))?;
-        Ok(Guarded {
-            child: Some(child),
-            name: name.to_string(),
-            log: log.to_path_buf(),
-        })
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    /// Fails if the process has exited, with the last line it logged.
-    pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(c) = self.child.as_mut() {
-            if let Some(status) = c.try_wait()? {
-                self.child = None;
-                bail!(
-                    "{} exited ({status}): {}",
-                    self.name,
-                    last_line(&self.log).unwrap_or_else(|| "no output".into())
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// SIGTERM, up to `grace` to exit, then SIGKILL; always reaps.
-    pub fn stop(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        // SAFETY: kill takes integers only; the pid is our unreaped child,
-        // so it cannot have been reused.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let end = Instant::now() + grace;
-        while Instant::now() < end {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        self.stop(Duration::from_secs(5));
-    }
-}
-
-/// The last non-empty line of a log file (its last 4 KiB).
-pub fn last_line(path: &Path) -> Option<String> {
-    let mut f = File::open(path).ok()?;
-    let len = f.metadata().ok()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
-    let mut s = String::new();
-    f.read_to_string(&mut s).ok();
-    s.lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .map(strip_ansi)
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars();
-    while let Some(c) = it.next() {
-        if c == '\u{1b}' {
-            for d in it.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
+        let status = info.si_status();
+        if info.si_code == libc::CLD_EXITED {
+            Some((status == 0, format!("exit status {status}")))
         } else {
-            out.push(c);
+            Some((false, format!("killed by signal {status}")))
         }
     }
-    out
 }
 
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -404,67 +273,4 @@ impl Drop for ScratchDir {
             let _ = std::fs::remove_dir(&self.path);
         }
     }
-}
-
-/// The release build of each binary `(package, binary)` in `bin_dir`, or
-/// else beside this program (its `release` sibling when this is a debug
-/// build), built first with `cargo build --release` when run under cargo.
-pub fn release_binaries(
-    bin_dir: Option<&Path>,
-    wanted: &[(&str, &str)],
-) -> anyhow::Result<Vec<PathBuf>> {
-    let dir = match bin_dir {
-        Some(d) => d.to_path_buf(),
-        None => {
-            let exe = std::env::current_exe().context("cannot find this program's path")?;
-            let here = exe.parent().context("this program has no directory")?;
-            // Always the release binaries, even from a debug client.
-            let dir = if here.file_name().is_some_and(|n| n == "debug") {
-                here.with_file_name("release")
-            } else {
-                here.to_path_buf()
-            };
-            if let Some(cargo) = std::env::var_os("CARGO") {
-                let mut c = Command::new(cargo);
-                c.args(["build", "--release", "--quiet"]);
-                for (pkg, bin) in wanted {
-                    c.args(["-p", pkg, "--bin", bin]);
-                }
-                eprintln!("building {} (cargo build --release)", names(wanted));
-                let status = c
-                    .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                    .stdout(std::process::Stdio::null())
-                    .status()
-                    .context("cannot run cargo")?;
-                if !status.success() {
-                    anyhow::bail!(
-                        "cargo build --release of {} failed ({status})",
-                        names(wanted)
-                    );
-                }
-            }
-            dir
-        }
-    };
-    wanted
-        .iter()
-        .map(|(pkg, bin)| {
-            let p = dir.join(bin);
-            if !p.is_file() {
-                anyhow::bail!(
-                    "{} not found; build it with cargo build --release -p {pkg} or pass --bin-dir",
-                    p.display()
-                );
-            }
-            Ok(p)
-        })
-        .collect()
-}
-
-fn names(wanted: &[(&str, &str)]) -> String {
-    wanted
-        .iter()
-        .map(|(_, b)| *b)
-        .collect::<Vec<_>>()
-        .join(" and ")
 }

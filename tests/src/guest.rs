@@ -23,9 +23,8 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -33,7 +32,12 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
+
+// Shared with the benchmark; the test files keep importing them from here.
+pub use vmcrypt_test_support::bins::repo_root;
+pub use vmcrypt_test_support::process::{spawn_child, ChildGuard};
+pub use vmcrypt_test_support::qmp::Qmp;
 
 /// Printed by the guest's `/init` once per boot when the command loop starts.
 pub const READY_MARKER: &str = "VMCRYPT-GUEST-READY";
@@ -61,15 +65,6 @@ const TAIL_SHOWN: usize = 60;
 pub struct GuestArtifacts {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
-}
-
-/// The workspace root (the parent of this crate's manifest directory).
-pub fn repo_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| manifest.to_path_buf())
 }
 
 /// Where the guest is built: `$VMCRYPT_GUEST_DIR`, else `<root>/target/guest`.
@@ -204,134 +199,6 @@ fn probe_kvm() -> Result<()> {
 // ---------------------------------------------------------------------------
 // Process helpers
 // ---------------------------------------------------------------------------
-
-type SpawnRequest = (Command, Sender<std::io::Result<Child>>);
-
-/// Spawns `cmd` from a thread that lives as long as the process, with
-/// `PR_SET_PDEATHSIG = SIGKILL`: the child dies with the test process even
-/// if no destructor runs (the death signal is tied to the spawning thread,
-/// which is why it is not the caller's thread).
-pub fn spawn_child(mut cmd: Command) -> Result<Child> {
-    static SPAWNER: OnceLock<Mutex<Sender<SpawnRequest>>> = OnceLock::new();
-    let parent = std::process::id();
-    // SAFETY: the hook runs in the forked child before exec and only calls
-    // the async-signal-safe functions prctl(2), getppid(2) and raise(3).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() as u32 != parent {
-                libc::raise(libc::SIGKILL);
-            }
-            Ok(())
-        });
-    }
-    let spawner = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
-        thread::Builder::new()
-            .name("vmcrypt-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .map(|_| ())
-            .unwrap_or_else(|e| eprintln!("vmcrypt-tests: cannot start spawner thread: {e}"));
-        Mutex::new(tx)
-    });
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let (reply_tx, reply_rx) = mpsc::channel();
-    spawner
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send((cmd, reply_tx))
-        .map_err(|_| anyhow!("spawner thread is gone"))?;
-    reply_rx
-        .recv()
-        .map_err(|_| anyhow!("spawner thread is gone"))?
-        .with_context(|| format!("spawning {program}"))
-}
-
-/// A child process that is killed (SIGKILL) and reaped when dropped.
-pub struct ChildGuard {
-    child: Child,
-    name: String,
-}
-
-impl ChildGuard {
-    /// Spawns `cmd` with [`spawn_child`]; `name` is used in messages.
-    pub fn spawn(name: &str, cmd: Command) -> Result<ChildGuard> {
-        Ok(ChildGuard {
-            child: spawn_child(cmd)?,
-            name: name.to_string(),
-        })
-    }
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-    pub fn child(&mut self) -> &mut Child {
-        &mut self.child
-    }
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-    /// Sends `sig` (e.g. `libc::SIGTERM`) if the process is still running.
-    pub fn signal(&mut self, sig: i32) -> Result<()> {
-        if !self.is_running() {
-            return Ok(());
-        }
-        // SAFETY: kill(2) on the pid of our own unreaped child.
-        let r = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error()).context(format!("kill {}", self.name));
-        }
-        Ok(())
-    }
-    /// Waits up to `timeout` for the process to exit; `None` if it did not.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
-        wait_child(&mut self.child, timeout)
-    }
-    /// SIGKILLs the process (if running) and reaps it.
-    pub fn kill(&mut self) -> Result<ExitStatus> {
-        if self.is_running() {
-            let _ = self.child.kill();
-        }
-        self.child
-            .wait()
-            .with_context(|| format!("waiting for {}", self.name))
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.kill();
-    }
-}
-
-fn wait_child(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(st) = child.try_wait().context("waitpid")? {
-            return Ok(Some(st));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Waits until `path` exists (e.g. a daemon's listening socket).
 pub fn wait_for_path(path: &Path, timeout: Duration) -> Result<()> {
@@ -737,161 +604,6 @@ impl Drop for Console {
 }
 
 // ---------------------------------------------------------------------------
-// QMP
-// ---------------------------------------------------------------------------
-
-/// A QMP client (QEMU or qemu-storage-daemon) over a unix socket.
-pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    events: VecDeque<Value>,
-    next_id: u64,
-    path: PathBuf,
-}
-
-impl Qmp {
-    /// Connects (retrying until `timeout`), reads the greeting and enters
-    /// command mode.
-    pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp> {
-        let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    if Instant::now() >= deadline {
-                        return Err(e).with_context(|| format!("QMP connect {}", path.display()));
-                    }
-                    thread::sleep(Duration::from_millis(50));
-                }
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .context("QMP set_read_timeout")?;
-        let writer = stream.try_clone().context("QMP dup socket")?;
-        let mut q = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-            events: VecDeque::new(),
-            next_id: 1,
-            path: path.to_path_buf(),
-        };
-        let greeting = q.read_msg(None)?;
-        if greeting.get("QMP").is_none() {
-            bail!(
-                "unexpected QMP greeting from {}: {greeting}",
-                path.display()
-            );
-        }
-        q.execute("qmp_capabilities", Value::Null)?;
-        Ok(q)
-    }
-
-    fn read_msg(&mut self, deadline: Option<Instant>) -> Result<Value> {
-        let to = match deadline {
-            Some(d) => {
-                let now = Instant::now();
-                if now >= d {
-                    bail!("QMP timeout on {}", self.path.display());
-                }
-                d - now
-            }
-            None => Duration::from_secs(120),
-        };
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(to.max(Duration::from_millis(1))))
-            .context("QMP set_read_timeout")?;
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .with_context(|| format!("QMP read from {}", self.path.display()))?;
-        if n == 0 {
-            bail!("QMP connection {} closed", self.path.display());
-        }
-        serde_json::from_str(line.trim())
-            .with_context(|| format!("QMP: bad JSON from {}: {line:?}", self.path.display()))
-    }
-
-    /// Executes `cmd` with `args` (`Value::Null` or `{}` for none); returns
-    /// the `"return"` value. Asynchronous events read meanwhile are kept for
-    /// [`Qmp::events`]/[`Qmp::wait_event`].
-    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
-        self.execute_within(cmd, args, Duration::from_secs(120))
-    }
-
-    /// [`Qmp::execute`], failing if the answer takes longer than `timeout`
-    /// (a QEMU whose main loop is stuck never answers).
-    pub fn execute_within(&mut self, cmd: &str, args: Value, timeout: Duration) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut req = json!({ "execute": cmd, "id": id });
-        let has_args = match &args {
-            Value::Null => false,
-            Value::Object(m) => !m.is_empty(),
-            _ => true,
-        };
-        if has_args {
-            req["arguments"] = args;
-        }
-        let mut data = serde_json::to_vec(&req).context("QMP encode")?;
-        data.push(b'\n');
-        self.writer
-            .write_all(&data)
-            .with_context(|| format!("QMP write to {}", self.path.display()))?;
-        loop {
-            let msg = self
-                .read_msg(Some(deadline))
-                .with_context(|| format!("QMP {cmd}"))?;
-            if msg.get("event").is_some() {
-                self.events.push_back(msg);
-                continue;
-            }
-            if msg.get("id").and_then(Value::as_u64) != Some(id) {
-                continue;
-            }
-            if let Some(r) = msg.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = msg.get("error") {
-                bail!(
-                    "QMP {cmd} failed: {}: {}",
-                    e.get("class").and_then(Value::as_str).unwrap_or("?"),
-                    e.get("desc").and_then(Value::as_str).unwrap_or("?")
-                );
-            }
-            bail!("QMP {cmd}: unexpected reply {msg}");
-        }
-    }
-
-    /// Takes the asynchronous events received so far.
-    pub fn events(&mut self) -> Vec<Value> {
-        self.events.drain(..).collect()
-    }
-
-    /// Waits for an event named `name` (e.g. `"RESUME"`), consuming events
-    /// before it. Already received events are searched first.
-    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value> {
-        while let Some(ev) = self.events.pop_front() {
-            if ev.get("event").and_then(Value::as_str) == Some(name) {
-                return Ok(ev);
-            }
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let msg = self
-                .read_msg(Some(deadline))
-                .with_context(|| format!("waiting for QMP event {name}"))?;
-            if msg.get("event").and_then(Value::as_str) == Some(name) {
-                return Ok(msg);
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
 // QEMU configuration
 // ---------------------------------------------------------------------------
 
@@ -1082,7 +794,7 @@ impl QemuConfig {
 
 /// A running QEMU with the test guest. Dropping it kills QEMU.
 pub struct Guest {
-    child: Child,
+    child: ChildGuard,
     console: Console,
     qmp: Option<Qmp>,
     qmp_path: PathBuf,
@@ -1145,10 +857,10 @@ impl Guest {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = spawn_child(cmd)?;
-        let stdin: ChildStdin = child.stdin.take().context("QEMU stdin")?;
-        let stdout = child.stdout.take().context("QEMU stdout")?;
-        let stderr = child.stderr.take().context("QEMU stderr")?;
+        let mut child = ChildGuard::spawn(&cfg.name, cmd)?;
+        let stdin: ChildStdin = child.child().stdin.take().context("QEMU stdin")?;
+        let stdout = child.child().stdout.take().context("QEMU stdout")?;
+        let stderr = child.child().stderr.take().context("QEMU stderr")?;
         let mut console = Console::new(&cfg.name, stdout, stdin);
         console.attach_log("(qemu stderr) ", stderr);
         console.set_cmd_timeout(cfg.cmd_timeout);
@@ -1165,7 +877,7 @@ impl Guest {
     }
 
     fn exit_note(&mut self) -> String {
-        match self.child.try_wait() {
+        match self.child.child().try_wait() {
             Ok(Some(st)) => format!(" (QEMU exited: {st})"),
             _ => String::new(),
         }
@@ -1299,31 +1011,28 @@ impl Guest {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.child.is_running()
     }
 
     /// Waits up to `timeout` for QEMU to exit on its own.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
-        wait_child(&mut self.child, timeout)
+        self.child.wait_timeout(timeout)
     }
 
     /// SIGKILLs QEMU (if running) and reaps it.
     pub fn kill(&mut self) {
-        if self.is_running() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
+        let _ = self.child.kill();
     }
 
     /// QMP `quit`, then waits up to 10 s before killing. Errors if QEMU had
     /// to be killed or exited unsuccessfully (QEMU is gone either way).
     pub fn shutdown(mut self) -> Result<()> {
         if !self.is_running() {
-            let st = self.child.wait().context("waitpid")?;
+            let st = self.child.child().wait().context("waitpid")?;
             if st.success() {
                 return Ok(());
             }

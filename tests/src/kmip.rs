@@ -14,12 +14,12 @@
 //! `pykmip-server` program), default `/opt/pykmip-venv`, made by
 //! `ci/install-deps.sh`.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use vmcrypt_core::kms::kmip::{KmipConfig, KmipProvider};
 use vmcrypt_core::kms::KeyProvider;
 use vmcrypt_testpki::{CertDir, Usage};
@@ -122,11 +122,8 @@ impl Pki {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (nothing listens on it when this returns).
-pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
-    Ok(l.local_addr()?.port())
-}
+// Shared with the benchmark; the test files keep importing it from here.
+pub use vmcrypt_test_support::net::free_port;
 
 /// A running `pykmip-server`.
 pub struct PyKmipServer {

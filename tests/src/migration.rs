@@ -12,8 +12,7 @@
 //! ```
 
 use std::ffi::OsString;
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
@@ -26,14 +25,9 @@ use crate::guest::{ChildGuard, Guest, QemuConfig};
 use crate::netrelay::{Fault, NetRelay};
 use crate::vmcrypt::{bin, write_key_file};
 
-/// Random bytes as lowercase hex.
-pub fn random_hex(bytes: usize) -> Result<String> {
-    let mut raw = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut raw))
-        .context("reading /dev/urandom")?;
-    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
-}
+// Shared with the benchmark; the test files keep importing them from here.
+pub use vmcrypt_test_support::net::free_port;
+pub use vmcrypt_test_support::random::random_hex;
 
 /// What one proxy is armed with (`--mode`, `--key-file`, `--nonce`, `--id`).
 #[derive(Clone, Debug)]
@@ -90,13 +84,6 @@ impl Arming {
         a.push(self.id.clone().into());
         a
     }
-}
-
-/// A free loopback TCP port (bound and released: the caller retries if
-/// someone else takes it meanwhile).
-pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
 }
 
 /// Inode of the socket listening on 127.0.0.1:`port` (or 0.0.0.0), from

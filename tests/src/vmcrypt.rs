@@ -3,15 +3,15 @@
 //! image bytes from the host.
 
 use std::ffi::OsStr;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::guest::{repo_root, wait_for_path, ChildGuard, TempDir};
+use vmcrypt_test_support::random::random_hex;
+
+use crate::guest::{wait_for_path, ChildGuard, TempDir};
 
 /// A vmcrypt installation of its own on this machine: configuration, state,
 /// runtime and log folders in a temporary directory, so that tests can run
@@ -53,60 +53,8 @@ impl LocalHost {
     }
 }
 
-/// The cargo target directory.
-pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
-}
-
-/// The binaries the Debian package installs in /usr/bin.
-pub const PACKAGED: &[&str] = &["vmcrypt", "vmcrypt-hook", "vmcrypt-blk", "vmcrypt-migrate"];
-
-/// Whether the tests run against the installed package
-/// (`VMCRYPT_INSTALLED=1`, as CI does): the packaged binaries come from
-/// /usr/bin and libvirt's hook from /etc/libvirt/hooks.
-pub fn installed() -> bool {
-    std::env::var_os("VMCRYPT_INSTALLED").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
-/// Path of a vmcrypt binary: the installed one for the packaged binaries
-/// when [`installed`], else the workspace's, building the workspace's
-/// binaries once per test process (a no-op when they are up to date).
-/// Tests use the release build when `VMCRYPT_PROFILE=release`.
-pub fn bin(name: &str) -> Result<PathBuf> {
-    if installed() && PACKAGED.contains(&name) {
-        let p = Path::new("/usr/bin").join(name);
-        if !p.exists() {
-            bail!(
-                "VMCRYPT_INSTALLED is set but {} is missing: apt-get install ./target/debian/vmcrypt_*.deb",
-                p.display()
-            );
-        }
-        return Ok(p);
-    }
-    static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    let profile = std::env::var("VMCRYPT_PROFILE").unwrap_or_else(|_| "debug".into());
-    let built = BUILT.get_or_init(|| {
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(repo_root())
-            .args(["build", "--quiet", "--bins", "--workspace"]);
-        if profile == "release" {
-            cmd.arg("--release");
-        }
-        match cmd.status() {
-            Ok(s) if s.success() => Ok(()),
-            Ok(s) => Err(format!("cargo build failed: {s}")),
-            Err(e) => Err(format!("cannot run cargo: {e}")),
-        }
-    });
-    built.clone().map_err(|e| anyhow!(e))?;
-    let p = target_dir().join(&profile).join(name);
-    if !p.exists() {
-        bail!("{} is missing after cargo build", p.display());
-    }
-    Ok(p)
-}
+// Shared with the benchmark; the test files keep importing them from here.
+pub use vmcrypt_test_support::bins::{bin, installed, target_dir, PACKAGED};
 
 /// Runs a command to completion, capturing output.
 pub fn run(cmd: &mut Command) -> Result<Output> {
@@ -133,10 +81,7 @@ pub fn run_ok(cmd: &mut Command) -> Result<String> {
 
 /// Writes a fresh KEK-style key file: 64 lowercase hex characters, no newline.
 pub fn write_key_file(path: &Path) -> Result<()> {
-    let mut raw = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
-    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(path, hex).with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, random_hex(32)?).with_context(|| format!("writing {}", path.display()))
 }
 
 /// `vmcrypt image create PATH --size SIZE --key-file KEY`.

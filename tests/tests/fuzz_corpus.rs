@@ -22,6 +22,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use vmcrypt_core::kms::kmip::messages::tag;
 use vmcrypt_core::kms::kmip::ttlv::{Ttlv, Value};
+use vmcrypt_test_support::random::hex;
 
 #[path = "../../fuzz/src/lib.rs"]
 #[allow(dead_code)]
@@ -88,10 +89,6 @@ fn run_one(t: &Target, data: &[u8], what: &str) -> Result<&'static str> {
             )
         }
     }
-}
-
-fn hex(data: &[u8]) -> String {
-    data.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The files of a directory, sorted by name.

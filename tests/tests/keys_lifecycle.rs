@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use vmcrypt_core::kms::kmip::KmipProvider;
 use vmcrypt_core::kms::KeyProvider;
+use vmcrypt_test_support::random::random_bytes;
 use vmcrypt_tests::guest::{wait_for_path, ChildGuard, Guest, QemuConfig};
 use vmcrypt_tests::kmip::{free_port, Pki, PyKmipServer};
 use vmcrypt_tests::vmcrypt::{file_contains, qemu_decrypt, sha256_file, LocalHost};
@@ -131,9 +132,7 @@ impl Host {
 
 /// Writes a raw image of `mib` MiB of random data with a plaintext marker.
 fn raw_image(path: &Path, mib: usize, marker: &str) -> Result<String> {
-    let mut data = vec![0u8; mib << 20];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut data))?;
+    let mut data = random_bytes(mib << 20)?;
     for (i, chunk) in data.chunks_mut(1 << 20).enumerate().take(4) {
         let m = format!("{marker}-{i}");
         chunk[..m.len()].copy_from_slice(m.as_bytes());

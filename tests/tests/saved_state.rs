@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
+use vmcrypt_test_support::random::hex;
 use vmcrypt_tests::hosts::{Host, HostsOptions, TwoHosts};
 use vmcrypt_tests::migration::retry_if_guest_crashed;
 use vmcrypt_tests::vmcrypt::file_contains;
@@ -440,10 +441,6 @@ fn nv_read() -> Vec<u8> {
     let mut p = (TPM_MARK.len() as u16).to_be_bytes().to_vec();
     p.extend_from_slice(&0u16.to_be_bytes());
     tpm_command(0x14E, &[TPM_RH_OWNER, NV_INDEX], &p)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Sends one command to the guest's /dev/tpm0 and returns the response in

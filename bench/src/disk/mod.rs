@@ -6,7 +6,7 @@
 //! it. Medians over the runs, and the ratios the targets are about.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -17,7 +17,12 @@ use blkio::Errno;
 use clap::ValueEnum;
 use serde::Serialize;
 
-use crate::proc::{self, check_stop, Guarded, ScratchDir};
+use vmcrypt_test_support::bins::release_binaries;
+use vmcrypt_test_support::process::ChildGuard;
+use vmcrypt_test_support::random::random_hex;
+
+use crate::args::qemu_path;
+use crate::proc::{self, check_stop, ScratchDir};
 use client::{Client, Rng, Sample};
 
 mod client;
@@ -404,7 +409,7 @@ fn dedup<T: PartialEq>(v: Vec<T>) -> Vec<T> {
 
 /// Finds (and, under cargo, first builds) vmcrypt-blk and vmcrypt.
 fn binaries(args: &DiskArgs) -> anyhow::Result<Bins> {
-    let mut v = proc::release_binaries(
+    let mut v = release_binaries(
         args.bin_dir.as_deref(),
         &[("vmcrypt-blk", "vmcrypt-blk"), ("vmcrypt-cli", "vmcrypt")],
     )?
@@ -427,12 +432,7 @@ fn prepare_images(dir: &Path, size: u64, bins: &Bins) -> anyhow::Result<Files> {
         raw: dir.join("raw.img"),
         luks: dir.join("luks.img"),
     };
-    let mut key = [0u8; 32];
-    File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
-        .context("cannot read /dev/urandom")?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(&files.key, hex).context("cannot write the key file")?;
+    std::fs::write(&files.key, random_hex(32)?).context("cannot write the key file")?;
 
     eprintln!(
         "writing a {} MiB raw image and a LUKS image in {}",
@@ -500,11 +500,6 @@ fn fill(path: &Path, offset: u64, len: u64, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// QEMU option values escape commas by doubling them.
-fn qemu_path(p: &Path) -> String {
-    p.display().to_string().replace(',', ",,")
-}
-
 #[allow(clippy::too_many_arguments)]
 fn start_export(
     e: Exporter,
@@ -514,7 +509,7 @@ fn start_export(
     sock: &Path,
     log: &Path,
     cpu: Option<usize>,
-) -> anyhow::Result<Guarded> {
+) -> anyhow::Result<ChildGuard> {
     let _ = std::fs::remove_file(sock);
     let cmd = match e {
         Exporter::VmcryptEnc | Exporter::VmcryptPlain => {
@@ -565,11 +560,11 @@ fn start_export(
             cmd
         }
     };
-    Guarded::spawn(e.label(), cmd, log, cpu)
+    ChildGuard::spawn_logged(e.label(), cmd, log, cpu)
 }
 
 /// Waits for the export's socket and connects to it.
-fn connect(export: &mut Guarded, sock: &Path, args: &DiskArgs) -> anyhow::Result<Client> {
+fn connect(export: &mut ChildGuard, sock: &Path, args: &DiskArgs) -> anyhow::Result<Client> {
     let limit = Duration::from_secs(if args.vmcrypt_wrapper.is_some() {
         120
     } else {
@@ -594,7 +589,7 @@ fn connect(export: &mut Guarded, sock: &Path, args: &DiskArgs) -> anyhow::Result
             }
         }
         if Instant::now() >= end {
-            bail!("{} not ready within {limit:?}: {last}", export.name);
+            bail!("{} not ready within {limit:?}: {last}", export.name());
         }
         proc::sleep(Duration::from_millis(20))?;
     }

@@ -5,7 +5,51 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use super::{Mode, Sample, Setup};
+use super::{Mode, Sample};
+
+/// What the report says about the setup.
+#[derive(Debug, Serialize)]
+pub struct Setup {
+    pub runs: u32,
+    pub mem_bytes: u64,
+    pub guest: String,
+    pub pinning: String,
+    pub qemu_proxy_legs: String,
+    pub qemu_version: String,
+    pub cpu_model: String,
+    pub cpus: usize,
+    pub kernel: String,
+    pub loadavg_before: String,
+    pub loadavg_after: String,
+    pub timing: String,
+}
+
+/// The line printed after each migration.
+pub fn progress_line(s: &Sample, runs: u32) -> String {
+    let mut line = format!(
+        "run {}/{} {:<18} {:>6.0} MB/s {:>6.2} s  CPU s: src QEMU {:.2} dst QEMU {:.2}",
+        s.run + 1,
+        runs,
+        s.mode.label(),
+        s.mbps(),
+        s.wall_s,
+        s.cpu_src_qemu,
+        s.cpu_dst_qemu
+    );
+    if let (Some(a), Some(b)) = (s.cpu_src_proxy, s.cpu_dst_proxy) {
+        line += &format!(
+            " src proxy {a:.2} ({:.3}/GB) dst proxy {b:.2} ({:.3}/GB)",
+            s.per_gb(a),
+            s.per_gb(b)
+        );
+    }
+    line += &format!(
+        "  busy {:.0}%  load {:.2}",
+        s.machine_busy * 100.0,
+        s.load1_before
+    );
+    line
+}
 
 /// Medians of one mode.
 #[derive(Debug, Serialize)]

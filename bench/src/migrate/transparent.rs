@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::proc::{self, Guarded};
+use vmcrypt_test_support::process::ChildGuard;
+
+use crate::proc;
 
 /// The VM's name on both QEMU command lines.
 pub const NAME: &str = "bench-vm";
@@ -48,8 +50,8 @@ pub struct Hosts {
     run_libvirt: PathBuf,
     src_ctl: PathBuf,
     dst_ctl: PathBuf,
-    pub src_daemon: Guarded,
-    pub dst_daemon: Guarded,
+    pub src_daemon: ChildGuard,
+    pub dst_daemon: ChildGuard,
     /// A folder holding the monitor guard under QEMU's file name (the
     /// guard runs `/usr/bin/` + its own file name).
     guard_dir: PathBuf,
@@ -140,12 +142,12 @@ impl Hosts {
             );
         }
 
-        let daemon = |ns: &str, side: &str, cpu| -> anyhow::Result<(Guarded, PathBuf)> {
+        let daemon = |ns: &str, side: &str, cpu| -> anyhow::Result<(ChildGuard, PathBuf)> {
             let ctl = dir.join(format!("{side}.sock"));
             let mut c = in_ns(ns, migrate_bin);
             c.args(["daemon", "--control"]).arg(&ctl);
             env(&mut c);
-            let g = Guarded::spawn(
+            let g = ChildGuard::spawn_logged(
                 &format!("{side} vmcrypt-migrate daemon"),
                 c,
                 &dir.join(format!("{side}-daemon.log")),
@@ -161,12 +163,12 @@ impl Hosts {
                 d.check_alive()?;
                 if let Ok(r) = call(ctl, r#"{"op":"ping"}"#) {
                     if r["intercept"] != true {
-                        bail!("{} does not intercept: {r}", d.name);
+                        bail!("{} does not intercept: {r}", d.name());
                     }
                     break;
                 }
                 if Instant::now() >= end {
-                    bail!("{} does not answer on {}", d.name, ctl.display());
+                    bail!("{} does not answer on {}", d.name(), ctl.display());
                 }
                 proc::sleep(Duration::from_millis(20))?;
             }
@@ -308,11 +310,11 @@ impl Hosts {
     /// Fails if a daemon has exited: they must outlive every migration.
     pub fn check_alive(&self) -> anyhow::Result<()> {
         for d in [&self.src_daemon, &self.dst_daemon] {
-            if let Some((_, how)) = super::peek_exit(d.pid()) {
+            if let Some((_, how)) = proc::peek_exit(d.pid()) {
                 bail!(
                     "{} exited ({how}): {}",
-                    d.name,
-                    proc::last_line(&d.log).unwrap_or_else(|| "no output".into())
+                    d.name(),
+                    d.last_log_line().unwrap_or_else(|| "no output".into())
                 );
             }
         }
