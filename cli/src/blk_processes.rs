@@ -182,14 +182,7 @@ pub fn start(
     if let Some(parent) = disk.socket.parent() {
         fs::create_dir_all(parent).map_err(file_err(parent))?;
     }
-    let log_path = log_file(domain, &disk.target);
-    let mut log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(file_err(&log_path))?;
-    let log_start = log.seek(SeekFrom::End(0)).unwrap_or(0);
-    let log_err = log.try_clone().map_err(file_err(&log_path))?;
+    let (log_path, log, log_err, log_start) = open_log(domain, &disk.target)?;
     let blk = blk_binary();
     let mut cmd = Command::new(&blk);
     cmd.arg("--socket")
@@ -226,6 +219,20 @@ pub fn start(
         &log_path,
         log_start,
     )
+}
+
+/// A backend's log, opened for appending twice (stdout, stderr), and where
+/// this start's lines begin.
+fn open_log(domain: &str, name: &str) -> Result<(PathBuf, File, File, u64), BackendError> {
+    let path = log_file(domain, name);
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(file_err(&path))?;
+    let start = log.seek(SeekFrom::End(0)).unwrap_or(0);
+    let err = log.try_clone().map_err(file_err(&path))?;
+    Ok((path, log, err, start))
 }
 
 /// Where swtpm is (Debian's swtpm package).
@@ -273,14 +280,7 @@ pub fn start_tpm(
     }) {
         let _ = fs::remove_file(socket);
     }
-    let log_path = log_file(domain, NAME);
-    let mut log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(file_err(&log_path))?;
-    let log_start = log.seek(SeekFrom::End(0)).unwrap_or(0);
-    let log_err = log.try_clone().map_err(file_err(&log_path))?;
+    let (log_path, log, log_err, log_start) = open_log(domain, NAME)?;
     let mut cmd = Command::new(SWTPM);
     cmd.args(["socket", "--tpm2", "--terminate"])
         .arg("--tpmstate")

@@ -148,6 +148,16 @@ fn file_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> T
     move |source| TransactionError::File { what, path, source }
 }
 
+/// Removes `path`; whether it was there (a file already gone is what a
+/// resumed run expects).
+fn remove_if_present(path: &Path) -> Result<bool, TransactionError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(file_err("remove", path)(e)),
+    }
+}
+
 /// What a conversion does outside its journal; the CLI implements it over
 /// libvirt, the key providers and the disk converters.
 pub trait Steps {
@@ -216,17 +226,7 @@ impl Conversion {
     /// Removes the journal: the conversion is over.
     pub fn remove(&self) -> Result<(), TransactionError> {
         let p = Conversion::journal_path(&self.uuid);
-        match std::fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(TransactionError::File {
-                    what: "remove",
-                    path: p,
-                    source,
-                })
-            }
-        }
+        remove_if_present(&p)?;
         if let Some(d) = p.parent() {
             crate::fsutil::sync_dir(d);
         }
@@ -260,16 +260,8 @@ impl Conversion {
         let mut removed = Vec::new();
         if !self.keep_old {
             for d in &self.disks {
-                match std::fs::remove_file(&d.from) {
-                    Ok(()) => removed.push(d.from.clone()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(source) => {
-                        return Err(TransactionError::File {
-                            what: "remove",
-                            path: d.from.clone(),
-                            source,
-                        })
-                    }
+                if remove_if_present(&d.from)? {
+                    removed.push(d.from.clone());
                 }
                 steps.old_removed(self, d);
             }
@@ -296,16 +288,8 @@ impl Conversion {
         let mut removed = Vec::new();
         for d in &self.disks {
             for p in [d.to.clone(), scratch_of(&d.to)] {
-                match std::fs::remove_file(&p) {
-                    Ok(()) => removed.push(p),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(source) => {
-                        return Err(TransactionError::File {
-                            what: "remove",
-                            path: p,
-                            source,
-                        })
-                    }
+                if remove_if_present(&p)? {
+                    removed.push(p);
                 }
             }
             steps.abandoned(&self, d);
