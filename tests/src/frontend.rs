@@ -218,6 +218,9 @@ pub struct Options {
     pub event_idx: bool,
     /// How long to wait for a completion (and for a vhost-user reply).
     pub timeout: Duration,
+    /// Also negotiate what QEMU uses during a migration: `LOG_SHMFD`
+    /// (SET_LOG_BASE) and `CONFIGURE_MEM_SLOTS` (ADD_MEM_REGION).
+    pub migration: bool,
 }
 
 impl Default for Options {
@@ -225,6 +228,7 @@ impl Default for Options {
         Options {
             event_idx: false,
             timeout: Duration::from_secs(10),
+            migration: false,
         }
     }
 }
@@ -257,7 +261,8 @@ pub fn status_name(s: u8) -> String {
     }
 }
 
-fn memfd(size: u64) -> Result<File> {
+/// A shared memory file of `size` bytes (guest memory, QEMU's dirty log).
+pub fn memfd(size: u64) -> Result<File> {
     // SAFETY: memfd_create with a NUL-terminated name and valid flags.
     let fd = unsafe { libc::memfd_create(c"vmcrypt-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -314,9 +319,18 @@ impl BlkFrontend {
         let proto = frontend
             .get_protocol_features()
             .context("GET_PROTOCOL_FEATURES")?;
-        let want_proto = VhostUserProtocolFeatures::CONFIG
+        let mut want_proto = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK;
+        if opts.migration {
+            let m = VhostUserProtocolFeatures::LOG_SHMFD
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            ensure!(
+                proto.contains(m),
+                "backend lacks protocol features LOG_SHMFD/CONFIGURE_MEM_SLOTS: {proto:?}"
+            );
+            want_proto |= m;
+        }
         ensure!(
             proto.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ),
             "backend lacks protocol features CONFIG/MQ: {proto:?}"

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -128,7 +127,7 @@ fn config_space(disk: &Disk, opts: DeviceOptions) -> [u8; CONFIG_LEN] {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = BitmapMmapRegion;
+    type Bitmap = crate::dirty_log::DirtyLog;
     type Vring = VringRwLock<GuestMemAtomic>;
 
     fn num_queues(&self) -> usize {
@@ -173,6 +172,8 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         let logging = logs_dirty_pages(features);
+        // Pages are marked only while QEMU migrates (crate::dirty_log).
+        crate::dirty_log::set_logging(logging);
         if self.logging.swap(logging, Ordering::AcqRel) != logging {
             tracing::info!(
                 logging,
@@ -182,19 +183,18 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 
-    fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
         // `self.mem` is the same GuestMemoryAtomic the daemon updates; the
-        // workers load the new table at their next event.
-        if self.logging.load(Ordering::Acquire) {
-            // vhost-user-backend 0.24 attaches QEMU's dirty log to the
-            // regions that exist at SET_LOG_BASE only; a table changed
-            // after it (QEMU does not always send SET_LOG_BASE again) has
-            // no log, and we cannot re-attach it from here. Rare (the
-            // guest's RAM map rarely changes mid-migration), but say so.
-            tracing::warn!(
-                "the guest memory table changed while QEMU logs dirty pages for a migration: \
-                 guest RAM this disk fills from now on is not logged and may not reach the \
-                 destination (vhost-user-backend 0.24 limitation; see the README's Known issues)"
+        // workers load the new table at their next event. vhost-user-backend
+        // gave QEMU's dirty log only to the regions of the table current at
+        // SET_LOG_BASE: the new table's regions get it here
+        // (crate::dirty_log), or a disk read into a region added during a
+        // migration would reach the destination stale.
+        let regions = crate::dirty_log::attach(&mem.memory())?;
+        if regions > 0 && self.logging.load(Ordering::Acquire) {
+            tracing::info!(
+                regions,
+                "the guest memory table changed during a migration; QEMU's dirty log covers it"
             );
         }
         Ok(())

@@ -5,7 +5,6 @@
 //! by [`mark_dirty`], so the backend's writes are sent again during a live
 //! migration that uses the dirty log.
 
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
@@ -13,11 +12,11 @@ use crate::request::Segment;
 use crate::status::ExecuteError;
 
 /// Guest memory as the backend maps it (with a dirty-page bitmap).
-pub type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;
+pub type GuestMem = GuestMemoryMmap<crate::dirty_log::DirtyLog>;
 /// The shared, updatable view of guest memory.
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 /// A host view of part of one guest buffer.
-pub type GuestSlice<'m> = VolatileSlice<'m, BitmapMmapRegion>;
+pub type GuestSlice<'m> = VolatileSlice<'m, crate::dirty_log::DirtyLog>;
 
 /// Host views of guest ranges (a range may span memory regions).
 pub fn slices<'m>(

@@ -19,6 +19,7 @@
 pub mod backend;
 pub mod command;
 pub mod datapath;
+pub mod dirty_log;
 pub mod disk;
 pub mod execute;
 pub mod guest;
