@@ -39,6 +39,27 @@ const WORK: &str = "n=0; while [ ! -e /tmp/stop ]; do n=$((n+1)); \
     [ \"$r\" = \"$(cat /tmp/dyn.md5)\" ] || echo \"iteration $n: written disk region read $r\" >> /tmp/errors; \
     echo $n > /tmp/iter; done; rm -f /tmp/stop";
 
+/// Where each host's libvirt writes the guest's serial console.
+const SERIAL_LOG: &str = "/var/log/libvirt/qemu/soak-serial.log";
+
+/// The last lines of the guest's serial console on both hosts.
+fn serial_tails(hosts: &TwoHosts) -> String {
+    let mut out = String::new();
+    for h in [hosts.a(), hosts.b()] {
+        let text = std::fs::read_to_string(h.outside(SERIAL_LOG)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        out.push_str(&format!(
+            "--- serial console on {} (last 25 lines):\n",
+            h.name
+        ));
+        for l in &lines[lines.len().saturating_sub(25)..] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn iteration(con: &mut vmcrypt_tests::guest::Console) -> Result<u64> {
     let n = con.run_ok("cat /tmp/iter 2>/dev/null || echo 0")?;
     Ok(n.trim().parse().unwrap_or(0))
@@ -95,6 +116,20 @@ fn migration_soak() -> Result<()> {
     a.virsh(["destroy", "soak"])?;
     vmcrypt_ok(a, &["encrypt", "soak"])?;
     vm.needs = &[];
+    // The serial console also goes to a file on each host (virtlogd), so a
+    // guest that stops answering shows whether its kernel crashed.
+    let xml = a.virsh(["dumpxml", "--inactive", "soak"])?;
+    let Some(at) = xml
+        .find("<serial type='unix'>")
+        .and_then(|i| xml[i..].find("</serial>").map(|j| i + j))
+    else {
+        bail!("no unix serial console in the domain:\n{xml}");
+    };
+    let mut logged = xml.clone();
+    logged.insert_str(at, &format!("<log file='{SERIAL_LOG}' append='on'/>"));
+    let def = hosts.shared_dir().join("soak.xml");
+    std::fs::write(&def, logged)?;
+    a.virsh(["define", &def.display().to_string()])?;
     a.virsh(["start", "soak"])?;
     {
         let mut con = console(a, &vm.console, vm.name)?;
@@ -119,10 +154,11 @@ fn migration_soak() -> Result<()> {
         times.push(t.elapsed().as_secs_f64());
         iter = check(to, &vm, iter).map_err(|e| {
             anyhow::anyhow!(
-                "after migration {} ({} -> {}): {e:#}",
+                "after migration {} ({} -> {}): {e:#}\n{}",
                 i + 1,
                 from.name,
-                to.name
+                to.name,
+                serial_tails(&hosts)
             )
         })?;
         eprintln!(
