@@ -81,13 +81,17 @@ fn serve_connections(
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let gate = Arc::new(PeerGate::default());
-        let backend = BlkBackend::new(disk.clone(), opts.device, mem.clone(), gate.clone())
-            .context("cannot set up the cipher")?;
-        let mut daemon = VhostUserDaemon::new("vmcrypt-blk".into(), Arc::new(backend), mem)
+        let backend = Arc::new(
+            BlkBackend::new(disk.clone(), opts.device, mem.clone(), gate.clone())
+                .context("cannot set up the backend")?,
+        );
+        let mut daemon = VhostUserDaemon::new("vmcrypt-blk".into(), backend.clone(), mem)
             .map_err(|e| anyhow::anyhow!("cannot create the vhost-user daemon: {e}"))?;
         daemon
             .start(listener)
             .map_err(|e| anyhow::anyhow!("accepting a connection failed: {e}"))?;
+        let connected = Arc::new(AtomicBool::new(true));
+        nudge_after_connect(&daemon, &backend, &connected);
         if let Ok(mut cur) = shared.current.lock() {
             *cur = daemon.shutdown_handle();
         }
@@ -105,6 +109,7 @@ fn serve_connections(
             }
         }
         let result = daemon.wait();
+        connected.store(false, Ordering::Release);
         if let Ok(mut cur) = shared.current.lock() {
             *cur = None;
         }
@@ -123,6 +128,42 @@ fn serve_connections(
             Err(e) => tracing::warn!("connection ended: {e}; waiting for the next one"),
         }
     }
+}
+
+/// Registers each queue thread's nudge event and nudges them a few times
+/// while the frontend sets its rings up (`BlkBackend::nudge`: after a
+/// restart, a request queued or completed while no backend was there would
+/// otherwise wait forever). A ring not running yet ignores a nudge.
+fn nudge_after_connect(
+    daemon: &VhostUserDaemon<Arc<BlkBackend>>,
+    backend: &Arc<BlkBackend>,
+    connected: &Arc<AtomicBool>,
+) {
+    use vmm_sys_util::epoll::EventSet;
+    for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        let Some(fd) = backend.nudge_fd(i) else {
+            continue;
+        };
+        if let Err(e) = handler.register_listener(fd, EventSet::IN, backend.nudge_token()) {
+            tracing::warn!("cannot register queue {i}'s nudge event: {e}");
+            return;
+        }
+    }
+    let backend = backend.clone();
+    let connected = connected.clone();
+    let _ = std::thread::Builder::new()
+        .name("nudge".into())
+        .spawn(move || {
+            // QEMU sets the rings up within milliseconds of connecting; a
+            // loaded host (or TCG) can take a second or two.
+            for ms in [200u64, 800, 2000, 4000] {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                if !connected.load(Ordering::Acquire) {
+                    return;
+                }
+                backend.nudge();
+            }
+        });
 }
 
 /// The peer of the connection just accepted on `path`, if its uid is
