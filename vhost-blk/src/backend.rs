@@ -140,6 +140,37 @@ impl BlkBackend {
 }
 
 impl BlkBackend {
+    /// Serves what `vring` holds, on queue thread `thread_id`.
+    fn serve(&self, vring: &VringRwLock<GuestMemAtomic>, thread_id: usize) -> io::Result<()> {
+        let worker = self
+            .workers
+            .get(thread_id)
+            .ok_or_else(|| io::Error::other(format!("no worker {thread_id}")))?;
+        // Only this queue's thread takes this lock: it is never contended.
+        let mut worker = worker
+            .lock()
+            .map_err(|_| io::Error::other("worker state poisoned"))?;
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        resync_next_used(state.get_queue_mut(), &*mem);
+        if self.event_idx.load(Ordering::Acquire) {
+            // With EVENT_IDX the guest kicks only once per batch; keep going
+            // until re-enabling notifications finds nothing new.
+            loop {
+                state.disable_notification().map_err(io::Error::other)?;
+                let done = worker.process_queue(&mut state, &mem);
+                // No progress means nothing valid is available (or the ring
+                // is broken): wait for the next kick instead of spinning.
+                if !state.enable_notification().map_err(io::Error::other)? || done == 0 {
+                    break;
+                }
+            }
+        } else {
+            worker.process_queue(&mut state, &mem);
+        }
+        Ok(())
+    }
+
     /// Syncs the image and drops the write lock (see `stop_vring`).
     fn hand_over(&self, why: &str) -> io::Result<()> {
         if self.disk.readonly {
@@ -309,56 +340,30 @@ impl VhostUserBackend for BlkBackend {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let nudged = u64::from(device_event) == self.nudge_token();
-        let queue = if nudged {
+        if u64::from(device_event) == self.nudge_token() {
             if let Some(n) = self.nudges.get(thread_id) {
                 // Level-triggered: consume it, or the loop spins.
                 let _ = n.read();
             }
-            thread_id
-        } else {
-            usize::from(device_event)
-        };
-        let vring = vrings
-            .get(queue)
-            .ok_or_else(|| io::Error::other(format!("unknown event {device_event}")))?;
-        if nudged {
-            use virtio_queue::QueueT;
-            let state = vring.get_ref();
-            if !state.get_queue().ready() || !state.is_enabled() {
-                return Ok(());
-            }
-        }
-        let worker = self
-            .workers
-            .get(thread_id)
-            .ok_or_else(|| io::Error::other(format!("no worker {thread_id}")))?;
-        // Only this queue's thread takes this lock: it is never contended.
-        let mut worker = worker
-            .lock()
-            .map_err(|_| io::Error::other("worker state poisoned"))?;
-        let mem = self.mem.memory();
-        let mut state = vring.get_mut();
-        resync_next_used(state.get_queue_mut(), &*mem);
-        if self.event_idx.load(Ordering::Acquire) {
-            // With EVENT_IDX the guest kicks only once per batch; keep going
-            // until re-enabling notifications finds nothing new.
-            loop {
-                state.disable_notification().map_err(io::Error::other)?;
-                let done = worker.process_queue(&mut state, &mem);
-                // No progress means nothing valid is available (or the ring
-                // is broken): wait for the next kick instead of spinning.
-                if !state.enable_notification().map_err(io::Error::other)? || done == 0 {
-                    break;
+            // `vrings` are this thread's rings (a kick's `device_event`
+            // indexes them too, not the device's queue numbers).
+            for vring in vrings {
+                {
+                    use virtio_queue::QueueT;
+                    let state = vring.get_ref();
+                    if !state.get_queue().ready() || !state.is_enabled() {
+                        continue;
+                    }
                 }
+                self.serve(vring, thread_id)?;
+                vring.signal_used_queue()?;
             }
-        } else {
-            worker.process_queue(&mut state, &mem);
+            return Ok(());
         }
-        if nudged {
-            state.signal_used_queue()?;
-        }
-        Ok(())
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or_else(|| io::Error::other(format!("unknown event {device_event}")))?;
+        self.serve(vring, thread_id)
     }
 }
 
