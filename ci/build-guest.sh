@@ -176,6 +176,19 @@ hostname vmcrypt-guest
 stty raw -echo
 echo
 echo VMCRYPT-GUEST-READY
+# The command loop is PID 1's child, not PID 1: PID 1 adopts every orphan
+# (a background job a command left, a `dd` whose loop a test killed), and
+# each orphan's exit is a SIGCHLD to PID 1. busybox's `read` restarts after
+# a signal but drops the bytes it had already read, so a command arriving
+# at that moment lost its head and never started. PID 1 only waits here,
+# which also reaps the orphans.
+while true; do
+    sh /bin/vmcrypt-agent
+    echo "init: the command loop exited ($?), restarting it"
+done
+EOF
+cat >"$ROOT/bin/vmcrypt-agent" <<'EOF'
+#!/bin/sh
 while true; do
     line=
     if ! IFS= read -r line; then
@@ -198,7 +211,7 @@ while true; do
     echo "__VMCRYPT_DONE__ $id $status"
 done
 EOF
-chmod 755 "$ROOT/init"
+chmod 755 "$ROOT/init" "$ROOT/bin/vmcrypt-agent"
 
 # ---- pack ----------------------------------------------------------------
 if command -v cpio >/dev/null; then

@@ -3,7 +3,8 @@
 //! The guest is the host's Debian kernel plus a busybox initramfs built by
 //! `ci/build-guest.sh` (see [`guest_artifacts`]). Its `/init` loads the
 //! virtio-blk and ext4 modules, prints [`READY_MARKER`] on `ttyS0` and then
-//! runs a command loop there:
+//! runs a command loop there, in a child of PID 1 (PID 1 adopts orphans, and
+//! their SIGCHLD made busybox's `read` drop part of a command line):
 //!
 //! * host -> guest: one line `"<id> <base64 of a shell script>\n"`;
 //! * guest -> host: `"__VMCRYPT_BEGIN__ <id>"`, the script's stdout and stderr

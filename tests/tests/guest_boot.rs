@@ -199,3 +199,34 @@ fn migrate_to_incoming_guest() -> Result<()> {
     dst.shutdown()?;
     Ok(())
 }
+
+/// Commands keep arriving while processes the guest's PID 1 adopted keep
+/// exiting. Each exit sends PID 1 a SIGCHLD; busybox's `read` restarts
+/// after the signal but drops the bytes it had read, so when the command
+/// loop ran as PID 1 a command could vanish and "never start" (blk_kill's
+/// stall, where the writer the test killed left an orphaned `dd` behind).
+#[test]
+fn commands_survive_orphans_exiting() -> Result<()> {
+    let mut g = Guest::boot(&QemuConfig::new().name("orphans"))?;
+    // `(sleep 0.01 &)`: the subshell exits at once, so each sleep is
+    // adopted by PID 1 and its exit is a SIGCHLD there.
+    g.run_ok(
+        "(while [ ! -e /tmp/stop ]; do (sleep 0.01 &); sleep 0.002; done) >/dev/null 2>&1 & echo started",
+    )?;
+    let payload = "x".repeat(300);
+    let t = Instant::now();
+    let n = 150;
+    for i in 0..n {
+        let out = g
+            .run_timeout(&format!("echo {i} {payload}"), Duration::from_secs(20))
+            .with_context(|| format!("command {i} of {n} with orphans exiting"))?;
+        ensure!(out.status == 0 && out.stdout.starts_with(&format!("{i} x")));
+    }
+    eprintln!(
+        "guest_boot: {n} commands with orphans exiting took {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    g.run_ok("touch /tmp/stop")?;
+    g.shutdown()?;
+    Ok(())
+}

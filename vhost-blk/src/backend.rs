@@ -125,13 +125,14 @@ impl BlkBackend {
     /// ring from its used index, so a request the dead process completed
     /// (used entry and index written) but never signalled stays unseen by
     /// the guest. A guest whose file system waits on it issues no new I/O,
-    /// so nothing else would ever interrupt it: the stall
-    /// docs/reliability.md records (3 in 28 kill trials before, none
-    /// after). The pass over the ring also serves a request queued without
-    /// a kick (the crate already does when the ring is enabled; this is a
-    /// second chance). Both cost nothing when there is nothing to do: an
-    /// empty pass and an interrupt the guest's driver finds nothing new
-    /// for.
+    /// so nothing else would ever interrupt it. The window is the few
+    /// instructions between the used index and the interrupt, so the kill
+    /// trials have not shown it (the stall they once showed was the test
+    /// guest's command loop: docs/reliability.md). The pass over the ring
+    /// also serves a request queued without a kick (the crate already does
+    /// when the ring is enabled; this is a second chance). Both cost nothing
+    /// when there is nothing to do: an empty pass and an interrupt the
+    /// guest's driver finds nothing new for.
     pub fn nudge(&self) {
         for n in &self.nudges {
             let _ = n.write(1);
