@@ -17,6 +17,14 @@
 //! - `MULTIFD_STRESS_IDLE`: set to leave the guest idle; by default a guest
 //!   process keeps writing files (with their SHA-256) during migrations, and
 //!   every file it completed must read back the same afterwards.
+//! - `MULTIFD_STRESS_COMPARE`: set to compare the guest's whole RAM on both
+//!   sides before the destination runs: it starts paused (`-S`), both QEMUs
+//!   `pmemsave` their 256 MiB, and the 4 KiB pages that differ are counted.
+//!   With every vCPU stopped they must be equal; a page that differs is a
+//!   guest write the migration lost, whether the guest notices or not.
+//! - `MULTIFD_STRESS_COMPARE_CONTROL`: the positive control of the
+//!   comparison: the destination runs for 200 ms before its RAM is saved,
+//!   so every migration must be reported different.
 //!
 //! After each migration the guest must answer, hold its files and keep its
 //! counter running. A broken guest is counted, and a fresh one continues.
@@ -25,11 +33,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use serde_json::json;
-use vmcrypt_tests::guest::{Guest, TempDir};
+use vmcrypt_tests::guest::{Guest, QemuConfig, TempDir};
 use vmcrypt_tests::migration::Proxy;
 use vmcrypt_tests::migration::{
-    check_guest, configure, guest_config, listen_incoming, migrate_armed, new_marker,
-    prepare_guest, read_counter, wait_migration, Arming, Hop, MigOpts,
+    check_guest, configure, guest_config, listen_incoming, migrate_through, new_marker,
+    prepare_guest, read_counter, wait_migration, wait_status, Arming, Hop, MigOpts,
 };
 use vmcrypt_tests::netrelay::{Fault, NetRelay};
 
@@ -43,6 +51,8 @@ struct Settings {
     opts: MigOpts,
     bandwidth: Option<u64>,
     writer: bool,
+    compare: bool,
+    control: bool,
 }
 
 impl Settings {
@@ -57,6 +67,9 @@ impl Settings {
             },
             bandwidth: env("MULTIFD_STRESS_BW"),
             writer: std::env::var_os("MULTIFD_STRESS_IDLE").is_none(),
+            compare: std::env::var_os("MULTIFD_STRESS_COMPARE").is_some()
+                || std::env::var_os("MULTIFD_STRESS_COMPARE_CONTROL").is_some(),
+            control: std::env::var_os("MULTIFD_STRESS_COMPARE_CONTROL").is_some(),
         }
     }
 }
@@ -72,6 +85,7 @@ fn multifd_stress() -> Result<()> {
     let dir = TempDir::new("mfd-stress")?;
     let (mut src, mut mem) = fresh_guest("s0", &set)?;
     let mut broken = 0;
+    let mut lost = 0;
     for i in 0..set.runs {
         let name = format!("s{}", i + 1);
         let before = read_counter(&mut src)?;
@@ -80,9 +94,16 @@ fn multifd_stress() -> Result<()> {
             (migrate_direct(&mut src, &name, &set)?, None)
         } else {
             let arm = Arming::encrypted(dir.path(), &format!("{name}.key"), "required")?;
-            let hop = migrate_armed(dir.path(), &name, &mut src, &arm, &set.opts, |_| {
-                Fault::Pass
-            })?;
+            let hop = migrate_through(
+                dir.path(),
+                &name,
+                &mut src,
+                &dst_config(&name, &set),
+                &arm,
+                &arm,
+                &set.opts,
+                |_| Fault::Pass,
+            )?;
             ensure!(hop.status() == "completed", "{}", hop.describe());
             let Hop {
                 dst,
@@ -95,6 +116,17 @@ fn multifd_stress() -> Result<()> {
             (dst, Some(kept))
         };
         let took = t.elapsed().as_secs_f64();
+        if set.compare {
+            let pages = compare_ram(&mut src, &mut dst, set.control)?;
+            if !pages.is_empty() {
+                lost += 1;
+                eprintln!(
+                    "#{i}: {} page(s) differ between source and destination: {:?}",
+                    pages.len(),
+                    &pages[..pages.len().min(16)]
+                );
+            }
+        }
         let checked = dst
             .wait_ready(Duration::from_secs(30))
             .and_then(|_| check_guest(&mut dst, &mem, before))
@@ -118,12 +150,79 @@ fn multifd_stress() -> Result<()> {
     }
     let how = if set.direct { "direct" } else { "proxies" };
     eprintln!("{how}, {:?}: {broken} broken of {}", set.opts, set.runs);
+    if set.compare {
+        eprintln!(
+            "{how}: {lost} of {} migrations left the destination's RAM different",
+            set.runs
+        );
+    }
+    if set.control {
+        ensure!(
+            broken == 0 && lost == set.runs,
+            "the control: {lost} of {} migrations were found different (all should be), {broken} broke the guest",
+            set.runs
+        );
+        return Ok(());
+    }
     ensure!(
-        broken == 0,
-        "{broken} of {} migrations broke the guest",
+        broken == 0 && lost == 0,
+        "{broken} of {} migrations broke the guest, {lost} left its RAM different",
         set.runs
     );
     Ok(())
+}
+
+/// The destination's configuration: paused after the migration when RAM
+/// is to be compared.
+fn dst_config(name: &str, set: &Settings) -> QemuConfig {
+    let c = guest_config(name);
+    if set.compare {
+        c.arg("-S")
+    } else {
+        c
+    }
+}
+
+/// Once the destination has loaded everything (status `paused`, thanks to
+/// `-S`), compares both sides' RAM and lets the destination run. Returns
+/// the guest-physical addresses of the pages that differ.
+fn compare_ram(src: &mut Guest, dst: &mut Guest, control: bool) -> Result<Vec<String>> {
+    wait_status(dst, "paused", Duration::from_secs(60))?;
+    if control {
+        dst.qmp("cont", serde_json::Value::Null)?;
+        std::thread::sleep(Duration::from_millis(200));
+        dst.qmp("stop", serde_json::Value::Null)?;
+    }
+    let size: u64 = 256 << 20;
+    // An absolute prefix puts the directory in /dev/shm: 512 MiB per
+    // migration would otherwise go to disk.
+    let shm = TempDir::new("/dev/shm/mfd-ram")?;
+    let (a, b) = (shm.join("src.ram"), shm.join("dst.ram"));
+    for (g, f) in [(&mut *src, &a), (&mut *dst, &b)] {
+        g.qmp(
+            "pmemsave",
+            json!({ "val": 0, "size": size, "filename": f.display().to_string() }),
+        )?;
+    }
+    let (x, y) = (std::fs::read(&a)?, std::fs::read(&b)?);
+    ensure!(
+        x.len() as u64 == size && y.len() as u64 == size,
+        "pmemsave wrote {} and {} bytes",
+        x.len(),
+        y.len()
+    );
+    let pages = x
+        .chunks(4096)
+        .zip(y.chunks(4096))
+        .enumerate()
+        .filter(|(_, (p, q))| p != q)
+        .map(|(n, (p, q))| {
+            let bytes = p.iter().zip(q.iter()).filter(|(u, v)| u != v).count();
+            format!("{:#x} ({bytes} bytes)", n * 4096)
+        })
+        .collect();
+    dst.qmp("cont", serde_json::Value::Null)?;
+    Ok(pages)
 }
 
 fn fresh_guest(
@@ -138,7 +237,7 @@ fn fresh_guest(
 
 /// QEMU to QEMU on loopback.
 fn migrate_direct(src: &mut Guest, name: &str, set: &Settings) -> Result<Guest> {
-    let mut c = guest_config(name);
+    let mut c = dst_config(name, set);
     c.incoming = Some("defer".into());
     let mut dst = Guest::spawn_incoming(&c)?;
     configure(&mut dst, &set.opts)?;
