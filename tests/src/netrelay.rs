@@ -287,11 +287,25 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, plan: Plan, shared: Ar
         });
         lock(&shared.conns).push(conn.clone());
         index += 1;
+        // Connected here, in accept order: QEMU 7.2 takes the first
+        // connection it accepts for its main channel, so a relay in front
+        // of a destination QEMU must not reorder them.
+        let _ = client.set_nonblocking(false);
+        register(&shared, conn.index, &client);
+        let server = match TcpStream::connect_timeout(&target, Duration::from_secs(10)) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("relay: connecting to {target}: {e}");
+                let _ = client.shutdown(Shutdown::Both);
+                conn.finished.store(true, Ordering::Release);
+                continue;
+            }
+        };
         let sh = shared.clone();
         let spawned = thread::Builder::new()
             .name(format!("relay-conn-{}", conn.index))
             .spawn(move || {
-                handle(client, target, &conn, &sh);
+                handle(client, server, &conn, &sh);
                 lock(&sh.sockets).retain(|(i, _)| *i != conn.index);
                 conn.finished.store(true, Ordering::Release);
             });
@@ -315,17 +329,7 @@ fn cut(a: &TcpStream, b: &TcpStream) {
     let _ = b.shutdown(Shutdown::Both);
 }
 
-fn handle(client: TcpStream, target: SocketAddr, conn: &Arc<Conn>, shared: &Shared) {
-    let _ = client.set_nonblocking(false);
-    register(shared, conn.index, &client);
-    let server = match TcpStream::connect_timeout(&target, Duration::from_secs(10)) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("relay: connecting to {target}: {e}");
-            let _ = client.shutdown(Shutdown::Both);
-            return;
-        }
-    };
+fn handle(client: TcpStream, server: TcpStream, conn: &Arc<Conn>, shared: &Shared) {
     register(shared, conn.index, &server);
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);

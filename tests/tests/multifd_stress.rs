@@ -22,6 +22,11 @@
 //!   `pmemsave` their 256 MiB, and the 4 KiB pages that differ are counted.
 //!   With every vCPU stopped they must be equal; a page that differs is a
 //!   guest write the migration lost, whether the guest notices or not.
+//!   Through the proxies, two recording relays (taps) also sit between each
+//!   QEMU and its proxy, so a page that differs can be looked up in the
+//!   plaintext streams: whether the proxies delivered every connection's
+//!   bytes exactly, and whether the source QEMU ever sent the page's final
+//!   content.
 //! - `MULTIFD_STRESS_COMPARE_CONTROL`: the positive control of the
 //!   comparison: the destination runs for 200 ms before its RAM is saved,
 //!   so every migration must be reported different.
@@ -29,6 +34,7 @@
 //! After each migration the guest must answer, hold its files and keep its
 //! counter running. A broken guest is counted, and a fresh one continues.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -39,7 +45,7 @@ use vmcrypt_tests::migration::{
     check_guest, configure, guest_config, listen_incoming, migrate_through, new_marker,
     prepare_guest, read_counter, wait_migration, wait_status, Arming, Hop, MigOpts,
 };
-use vmcrypt_tests::netrelay::{Fault, NetRelay};
+use vmcrypt_tests::netrelay::{find, Fault, NetRelay};
 
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -78,6 +84,104 @@ impl Settings {
 /// the proxies kills them, possibly with the stream still in flight.
 type Proxies = (NetRelay, Proxy, Proxy);
 
+/// The recording relays of a compared migration: between the source QEMU
+/// and its proxy, and between the destination proxy and its QEMU.
+struct Taps {
+    source: NetRelay,
+    dest: NetRelay,
+}
+
+struct Tapped {
+    hop: Hop,
+    taps: Option<Taps>,
+}
+
+/// [`migrate_through`] with a tap on each side of the proxies.
+fn migrate_tapped(
+    dir: &Path,
+    name: &str,
+    src: &mut Guest,
+    arm: &Arming,
+    set: &Settings,
+) -> Result<Tapped> {
+    let mut cfg = dst_config(name, set);
+    cfg.incoming = Some("defer".into());
+    let mut dst = Guest::spawn_incoming(&cfg)?;
+    configure(&mut dst, &set.opts)?;
+    let qemu_in = listen_incoming(&mut dst)?;
+    let dest_tap = NetRelay::passthrough(qemu_in)?;
+    let dst_proxy = Proxy::dest(dir, &format!("{name}-dest"), dest_tap.addr(), arm)?;
+    let relay = NetRelay::start(dst_proxy.addr, |_| Fault::Pass)?;
+    let src_proxy = Proxy::source(dir, &format!("{name}-source"), relay.addr(), arm)?;
+    let source_tap = NetRelay::passthrough(src_proxy.addr)?;
+    configure(src, &set.opts)?;
+    let t = Instant::now();
+    src.qmp(
+        "migrate",
+        json!({ "uri": format!("tcp:{}", source_tap.addr()) }),
+    )?;
+    let result = wait_migration(src, Duration::from_secs(180))?;
+    Ok(Tapped {
+        hop: Hop {
+            dst,
+            relay,
+            src_proxy,
+            dst_proxy,
+            result,
+            elapsed: t.elapsed(),
+        },
+        taps: Some(Taps {
+            source: source_tap,
+            dest: dest_tap,
+        }),
+    })
+}
+
+/// What the taps say about a page that differs: whether each connection's
+/// bytes reached the destination QEMU unchanged, and where the source's
+/// final content and the destination's content of the page occur in the
+/// source QEMU's streams.
+fn explain(taps: &Taps, page: usize, final_content: &[u8], loaded: &[u8]) -> String {
+    let sent: Vec<Vec<u8>> = taps.source.conns().iter().map(|c| c.c2s()).collect();
+    let mut a: Vec<&Vec<u8>> = sent.iter().collect();
+    let received: Vec<Vec<u8>> = taps.dest.conns().iter().map(|c| c.c2s()).collect();
+    let mut b: Vec<&Vec<u8>> = received.iter().collect();
+    a.sort();
+    b.sort();
+    let delivered = if a == b {
+        "every connection delivered byte for byte".to_string()
+    } else {
+        format!(
+            "STREAMS DIFFER: sent {:?} bytes, received {:?}",
+            sent.iter().map(Vec::len).collect::<Vec<_>>(),
+            received.iter().map(Vec::len).collect::<Vec<_>>()
+        )
+    };
+    let locate = |content: &[u8]| -> String {
+        if content.iter().all(|&b| b == 0) {
+            return "a zero page".into();
+        }
+        let hits: Vec<String> = sent
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                find(s, content).map(|o| format!("conn {i} at {o} of {}", s.len()))
+            })
+            .collect();
+        if hits.is_empty() {
+            "never sent".into()
+        } else {
+            hits.join(", ")
+        }
+    };
+    format!(
+        "page {:#x}: {delivered}; the source's final content: {}; the destination's content: {}",
+        page * 4096,
+        locate(final_content),
+        locate(loaded)
+    )
+}
+
 #[test]
 #[ignore]
 fn multifd_stress() -> Result<()> {
@@ -94,30 +198,42 @@ fn multifd_stress() -> Result<()> {
             (migrate_direct(&mut src, &name, &set)?, None)
         } else {
             let arm = Arming::encrypted(dir.path(), &format!("{name}.key"), "required")?;
-            let hop = migrate_through(
-                dir.path(),
-                &name,
-                &mut src,
-                &dst_config(&name, &set),
-                &arm,
-                &arm,
-                &set.opts,
-                |_| Fault::Pass,
-            )?;
-            ensure!(hop.status() == "completed", "{}", hop.describe());
-            let Hop {
-                dst,
-                relay,
-                src_proxy,
-                dst_proxy,
-                ..
+            let hop = if set.compare {
+                migrate_tapped(dir.path(), &name, &mut src, &arm, &set)?
+            } else {
+                Tapped {
+                    hop: migrate_through(
+                        dir.path(),
+                        &name,
+                        &mut src,
+                        &dst_config(&name, &set),
+                        &arm,
+                        &arm,
+                        &set.opts,
+                        |_| Fault::Pass,
+                    )?,
+                    taps: None,
+                }
+            };
+            ensure!(hop.hop.status() == "completed", "{}", hop.hop.describe());
+            let Tapped {
+                hop:
+                    Hop {
+                        dst,
+                        relay,
+                        src_proxy,
+                        dst_proxy,
+                        ..
+                    },
+                taps,
             } = hop;
             let kept: Proxies = (relay, src_proxy, dst_proxy);
-            (dst, Some(kept))
+            (dst, Some((kept, taps)))
         };
         let took = t.elapsed().as_secs_f64();
         if set.compare {
-            let pages = compare_ram(&mut src, &mut dst, set.control)?;
+            let taps = proxies.as_ref().and_then(|(_, t)| t.as_ref());
+            let pages = compare_ram(&mut src, &mut dst, set.control, taps)?;
             if !pages.is_empty() {
                 lost += 1;
                 eprintln!(
@@ -141,7 +257,7 @@ fn multifd_stress() -> Result<()> {
             Err(e) => {
                 broken += 1;
                 eprintln!("#{i}: BROKEN ({took:.2}s): {e:#}");
-                if let Some((relay, sp, dp)) = &proxies {
+                if let Some(((relay, sp, dp), _)) = &proxies {
                     eprintln!("{}\n{}\n{}", relay.describe(), sp.log_text(), dp.log_text());
                 }
                 (src, mem) = fresh_guest(&format!("r{i}"), &set)?;
@@ -186,7 +302,12 @@ fn dst_config(name: &str, set: &Settings) -> QemuConfig {
 /// Once the destination has loaded everything (status `paused`, thanks to
 /// `-S`), compares both sides' RAM and lets the destination run. Returns
 /// the guest-physical addresses of the pages that differ.
-fn compare_ram(src: &mut Guest, dst: &mut Guest, control: bool) -> Result<Vec<String>> {
+fn compare_ram(
+    src: &mut Guest,
+    dst: &mut Guest,
+    control: bool,
+    taps: Option<&Taps>,
+) -> Result<Vec<String>> {
     wait_status(dst, "paused", Duration::from_secs(60))?;
     if control {
         dst.qmp("cont", serde_json::Value::Null)?;
@@ -216,9 +337,14 @@ fn compare_ram(src: &mut Guest, dst: &mut Guest, control: bool) -> Result<Vec<St
         .zip(y.chunks(4096))
         .enumerate()
         .filter(|(_, (p, q))| p != q)
-        .map(|(n, (p, q))| {
+        .enumerate()
+        .map(|(k, (n, (p, q)))| {
             let bytes = p.iter().zip(q.iter()).filter(|(u, v)| u != v).count();
-            format!("{:#x} ({bytes} bytes)", n * 4096)
+            // Each lookup scans every stream: the first few pages tell.
+            match taps {
+                Some(t) if k < 4 => format!("{bytes} bytes differ; {}", explain(t, n, p, q)),
+                _ => format!("{:#x} ({bytes} bytes)", n * 4096),
+            }
         })
         .collect();
     dst.qmp("cont", serde_json::Value::Null)?;
