@@ -10,7 +10,8 @@
 //! ```
 //!
 //! - `MULTIFD_STRESS_RUNS`: migrations (default 10).
-//! - `MULTIFD_STRESS_DIRECT`: set for QEMU to QEMU, without the proxies.
+//! - `MULTIFD_STRESS_DIRECT`: set for QEMU to QEMU, without the proxies
+//!   (through one plain relay when comparing, below).
 //! - `MULTIFD_STRESS_CHANNELS`: multifd channels (default 2; 0 for none).
 //! - `MULTIFD_STRESS_BW`: max-bandwidth in bytes/s of direct migrations
 //!   (to slow them to the proxies' pace).
@@ -27,6 +28,9 @@
 //!   plaintext streams: whether the proxies delivered every connection's
 //!   bytes exactly, and whether the source QEMU ever sent the page's final
 //!   content.
+//!   With `MULTIFD_STRESS_DIRECT` too, one plain recording relay sits
+//!   between the two QEMUs: a userspace hop like the proxies', without
+//!   vmcrypt's code, whose stream shows what the source QEMU sent.
 //! - `MULTIFD_STRESS_COMPARE_CONTROL`: the positive control of the
 //!   comparison: the destination runs for 200 ms before its RAM is saved,
 //!   so every migration must be reported different.
@@ -88,7 +92,8 @@ type Proxies = (NetRelay, Proxy, Proxy);
 /// and its proxy, and between the destination proxy and its QEMU.
 struct Taps {
     source: NetRelay,
-    dest: NetRelay,
+    /// None when one relay is the whole path (direct migrations).
+    dest: Option<NetRelay>,
 }
 
 struct Tapped {
@@ -132,7 +137,7 @@ fn migrate_tapped(
         },
         taps: Some(Taps {
             source: source_tap,
-            dest: dest_tap,
+            dest: Some(dest_tap),
         }),
     })
 }
@@ -144,7 +149,8 @@ fn migrate_tapped(
 fn explain(taps: &Taps, page: usize, final_content: &[u8], loaded: &[u8]) -> String {
     let sent: Vec<Vec<u8>> = taps.source.conns().iter().map(|c| c.c2s()).collect();
     let mut a: Vec<&Vec<u8>> = sent.iter().collect();
-    let received: Vec<Vec<u8>> = taps.dest.conns().iter().map(|c| c.c2s()).collect();
+    let dest = taps.dest.as_ref().unwrap_or(&taps.source);
+    let received: Vec<Vec<u8>> = dest.conns().iter().map(|c| c.c2s()).collect();
     let mut b: Vec<&Vec<u8>> = received.iter().collect();
     a.sort();
     b.sort();
@@ -194,8 +200,11 @@ fn multifd_stress() -> Result<()> {
         let name = format!("s{}", i + 1);
         let before = read_counter(&mut src)?;
         let t = Instant::now();
+        let mut direct_tap = None;
         let (mut dst, proxies) = if set.direct {
-            (migrate_direct(&mut src, &name, &set)?, None)
+            let (dst, tap) = migrate_direct(&mut src, &name, &set)?;
+            direct_tap = tap;
+            (dst, None)
         } else {
             let arm = Arming::encrypted(dir.path(), &format!("{name}.key"), "required")?;
             let hop = if set.compare {
@@ -232,7 +241,10 @@ fn multifd_stress() -> Result<()> {
         };
         let took = t.elapsed().as_secs_f64();
         if set.compare {
-            let taps = proxies.as_ref().and_then(|(_, t)| t.as_ref());
+            let taps = proxies
+                .as_ref()
+                .and_then(|(_, t)| t.as_ref())
+                .or(direct_tap.as_ref());
             let pages = compare_ram(&mut src, &mut dst, set.control, taps)?;
             if !pages.is_empty() {
                 lost += 1;
@@ -362,7 +374,7 @@ fn fresh_guest(
 }
 
 /// QEMU to QEMU on loopback.
-fn migrate_direct(src: &mut Guest, name: &str, set: &Settings) -> Result<Guest> {
+fn migrate_direct(src: &mut Guest, name: &str, set: &Settings) -> Result<(Guest, Option<Taps>)> {
     let mut c = dst_config(name, set);
     c.incoming = Some("defer".into());
     let mut dst = Guest::spawn_incoming(&c)?;
@@ -372,10 +384,19 @@ fn migrate_direct(src: &mut Guest, name: &str, set: &Settings) -> Result<Guest> 
     if let Some(bw) = set.bandwidth {
         src.qmp("migrate-set-parameters", json!({ "max-bandwidth": bw }))?;
     }
-    src.qmp("migrate", json!({ "uri": format!("tcp:{addr}") }))?;
+    let tap = if set.compare {
+        Some(Taps {
+            source: NetRelay::passthrough(addr)?,
+            dest: None,
+        })
+    } else {
+        None
+    };
+    let to = tap.as_ref().map_or(addr, |t| t.source.addr());
+    src.qmp("migrate", json!({ "uri": format!("tcp:{to}") }))?;
     let r = wait_migration(src, Duration::from_secs(180))?;
     ensure!(r["status"] == "completed", "{r}");
-    Ok(dst)
+    Ok((dst, tap))
 }
 
 /// A guest process that keeps writing 4 MiB files of random data, each
