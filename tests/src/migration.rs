@@ -424,29 +424,88 @@ pub fn migrate_through<F>(
 where
     F: Fn(usize) -> Fault + Send + Sync + 'static,
 {
+    let (hop, _) = migrate_via(dir, name, src, dst_cfg, src_arm, dst_arm, opts, plan, false)?;
+    Ok(hop)
+}
+
+/// Recording relays between each QEMU and its proxy: what the source QEMU
+/// wrote and what the destination QEMU read, in plaintext.
+pub struct HopTaps {
+    pub source: NetRelay,
+    pub dest: NetRelay,
+}
+
+/// [`migrate_through`] (every connection passed unchanged) with a
+/// [`HopTaps`] on each side of the proxies.
+pub fn migrate_tapped(
+    dir: &Path,
+    name: &str,
+    src: &mut Guest,
+    dst_cfg: &QemuConfig,
+    arm: &Arming,
+    opts: &MigOpts,
+) -> Result<(Hop, HopTaps)> {
+    let (hop, taps) = migrate_via(
+        dir,
+        name,
+        src,
+        dst_cfg,
+        arm,
+        arm,
+        opts,
+        |_| Fault::Pass,
+        true,
+    )?;
+    let taps = taps.ok_or_else(|| anyhow::anyhow!("the taps were not set up"))?;
+    Ok((hop, taps))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn migrate_via<F>(
+    dir: &Path,
+    name: &str,
+    src: &mut Guest,
+    dst_cfg: &QemuConfig,
+    src_arm: &Arming,
+    dst_arm: &Arming,
+    opts: &MigOpts,
+    plan: F,
+    tapped: bool,
+) -> Result<(Hop, Option<HopTaps>)>
+where
+    F: Fn(usize) -> Fault + Send + Sync + 'static,
+{
     let mut cfg = dst_cfg.clone();
     cfg.incoming = Some("defer".into());
     let mut dst = Guest::spawn_incoming(&cfg)?;
     configure(&mut dst, opts)?;
     let qemu_in = listen_incoming(&mut dst)?;
-    let dst_proxy = Proxy::dest(dir, &format!("{name}-dest"), qemu_in, dst_arm)?;
+    let dest_tap = tapped.then(|| NetRelay::passthrough(qemu_in)).transpose()?;
+    let forward = dest_tap.as_ref().map_or(qemu_in, NetRelay::addr);
+    let dst_proxy = Proxy::dest(dir, &format!("{name}-dest"), forward, dst_arm)?;
     let relay = NetRelay::start(dst_proxy.addr, plan)?;
     let src_proxy = Proxy::source(dir, &format!("{name}-source"), relay.addr(), src_arm)?;
+    let source_tap = tapped
+        .then(|| NetRelay::passthrough(src_proxy.addr))
+        .transpose()?;
+    let to = source_tap.as_ref().map_or(src_proxy.addr, NetRelay::addr);
     configure(src, opts)?;
     let t = Instant::now();
-    src.qmp(
-        "migrate",
-        json!({ "uri": format!("tcp:{}", src_proxy.addr) }),
-    )?;
+    src.qmp("migrate", json!({ "uri": format!("tcp:{to}") }))?;
     let result = wait_migration(src, Duration::from_secs(180))?;
-    Ok(Hop {
+    let hop = Hop {
         dst,
         relay,
         src_proxy,
         dst_proxy,
         result,
         elapsed: t.elapsed(),
-    })
+    };
+    let taps = match (source_tap, dest_tap) {
+        (Some(source), Some(dest)) => Some(HopTaps { source, dest }),
+        _ => None,
+    };
+    Ok((hop, taps))
 }
 
 /// The guest of the migration tests: 256 MiB of RAM, one vCPU.

@@ -38,7 +38,6 @@
 //! After each migration the guest must answer, hold its files and keep its
 //! counter running. A broken guest is counted, and a fresh one continues.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -46,8 +45,8 @@ use serde_json::json;
 use vmcrypt_tests::guest::{Guest, QemuConfig, TempDir};
 use vmcrypt_tests::migration::Proxy;
 use vmcrypt_tests::migration::{
-    check_guest, configure, guest_config, listen_incoming, migrate_through, new_marker,
-    prepare_guest, read_counter, wait_migration, wait_status, Arming, Hop, MigOpts,
+    check_guest, configure, guest_config, listen_incoming, migrate_tapped, migrate_through,
+    new_marker, prepare_guest, read_counter, wait_migration, wait_status, Arming, Hop, MigOpts,
 };
 use vmcrypt_tests::netrelay::{find, Fault, NetRelay};
 
@@ -99,47 +98,6 @@ struct Taps {
 struct Tapped {
     hop: Hop,
     taps: Option<Taps>,
-}
-
-/// [`migrate_through`] with a tap on each side of the proxies.
-fn migrate_tapped(
-    dir: &Path,
-    name: &str,
-    src: &mut Guest,
-    arm: &Arming,
-    set: &Settings,
-) -> Result<Tapped> {
-    let mut cfg = dst_config(name, set);
-    cfg.incoming = Some("defer".into());
-    let mut dst = Guest::spawn_incoming(&cfg)?;
-    configure(&mut dst, &set.opts)?;
-    let qemu_in = listen_incoming(&mut dst)?;
-    let dest_tap = NetRelay::passthrough(qemu_in)?;
-    let dst_proxy = Proxy::dest(dir, &format!("{name}-dest"), dest_tap.addr(), arm)?;
-    let relay = NetRelay::start(dst_proxy.addr, |_| Fault::Pass)?;
-    let src_proxy = Proxy::source(dir, &format!("{name}-source"), relay.addr(), arm)?;
-    let source_tap = NetRelay::passthrough(src_proxy.addr)?;
-    configure(src, &set.opts)?;
-    let t = Instant::now();
-    src.qmp(
-        "migrate",
-        json!({ "uri": format!("tcp:{}", source_tap.addr()) }),
-    )?;
-    let result = wait_migration(src, Duration::from_secs(180))?;
-    Ok(Tapped {
-        hop: Hop {
-            dst,
-            relay,
-            src_proxy,
-            dst_proxy,
-            result,
-            elapsed: t.elapsed(),
-        },
-        taps: Some(Taps {
-            source: source_tap,
-            dest: Some(dest_tap),
-        }),
-    })
 }
 
 /// What the taps say about a page that differs: whether each connection's
@@ -208,7 +166,21 @@ fn multifd_stress() -> Result<()> {
         } else {
             let arm = Arming::encrypted(dir.path(), &format!("{name}.key"), "required")?;
             let hop = if set.compare {
-                migrate_tapped(dir.path(), &name, &mut src, &arm, &set)?
+                let (hop, t) = migrate_tapped(
+                    dir.path(),
+                    &name,
+                    &mut src,
+                    &dst_config(&name, &set),
+                    &arm,
+                    &set.opts,
+                )?;
+                Tapped {
+                    hop,
+                    taps: Some(Taps {
+                        source: t.source,
+                        dest: Some(t.dest),
+                    }),
+                }
             } else {
                 Tapped {
                     hop: migrate_through(
